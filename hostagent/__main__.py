@@ -1,0 +1,7 @@
+"""Entry point for `python -m hostagent`."""
+
+import sys
+
+from hostagent.cli import main
+
+sys.exit(main())

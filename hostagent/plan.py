@@ -1,0 +1,64 @@
+"""Plan, then apply: a flow lists its steps (what and why) once; --dry-run prints them and stops."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+from hostagent.report import render_table
+
+log = logging.getLogger(__name__)
+
+PLANNED, DONE, SKIPPED, FAILED = "planned", "done", "skipped", "failed"
+
+
+@dataclass
+class Step:
+    name: str
+    action: str  # what it does, e.g. "mkfs.ext4 -L couchdb /dev/nvme1n1"
+    reason: str  # why, e.g. "device proven blank"
+    run: Callable[[], str | None] | None = None  # None: already in the desired state
+    status: str = PLANNED
+    detail: str = ""
+
+    @property
+    def needed(self) -> bool:
+        return self.run is not None
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "status": self.status, "action": self.action,
+                "reason": self.reason, "detail": self.detail}
+
+
+def skipped(name: str, action: str, reason: str) -> Step:
+    return Step(name, action, reason, run=None, status=SKIPPED)
+
+
+def apply_steps(steps: Iterable[Step], *, dry_run: bool, on_step=None) -> list[Step]:
+    """Run each needed step in order; a failing step is marked and its error propagates."""
+    done: list[Step] = []
+    for step in steps:
+        done.append(step)
+        if not step.needed:
+            step.status = SKIPPED
+        elif dry_run:
+            step.status = PLANNED
+        else:
+            try:
+                step.detail = step.run() or ""
+            except BaseException:
+                step.status = FAILED
+                if on_step:
+                    on_step(step)
+                raise
+            step.status = DONE
+        log.info("%s: %s (%s: %s)", step.name, step.status, step.action, step.reason)
+        if on_step:
+            on_step(step)
+    return done
+
+
+def render_steps(steps: Iterable[Step]) -> str:
+    rows = [(s.status, s.name, s.action, s.detail or s.reason) for s in steps]
+    return render_table(rows, ("STATUS", "STEP", "ACTION", "WHY"))

@@ -1,0 +1,40 @@
+"""What a flow hands back to the CLI: ok, a JSON payload keyed by what it lists, and human text."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from hostagent.errors import EXIT_FAILED, EXIT_OK
+
+
+@dataclass
+class Report:
+    ok: bool
+    key: str  # the JSON key named after what the command lists: "checks", "steps", "devices"…
+    items: Any
+    text: str = ""
+    exit_code: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    raw_json: Any = None  # when set, --json prints exactly this (ecs-task-volumes)
+
+    @property
+    def code(self) -> int:
+        if self.exit_code is not None:
+            return self.exit_code
+        return EXIT_OK if self.ok else EXIT_FAILED
+
+    def to_json(self) -> Any:
+        if self.raw_json is not None:
+            return self.raw_json
+        return {"ok": self.ok, self.key: self.items, **self.extra}
+
+
+def render_table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
+    """A plain aligned text table; empty cells print as '-' so columns stay readable."""
+    cells = [[str(h) for h in headers]] + [
+        ["-" if v is None or v == "" else str(v) for v in row] for row in rows
+    ]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
+    return "\n".join(lines)
