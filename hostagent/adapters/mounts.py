@@ -1,0 +1,115 @@
+"""Mount table (read from /proc/self/mountinfo, no command needed) and mount/umount/chattr actions."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Iterable
+
+from hostagent.runner import run as default_run
+
+MOUNTINFO = "/proc/self/mountinfo"
+MOUNT_TIMEOUT = 120.0
+FS_IOC_GETFLAGS = 0x80086601  # _IOR('f', 1, long) on 64-bit Linux
+FS_IMMUTABLE_FL = 0x00000010
+
+
+@dataclass(frozen=True)
+class MountEntry:
+    major_minor: str  # "259:1" — the identity of the mounted block device
+    root: str
+    mount_point: str
+    fstype: str
+    source: str
+    options: tuple[str, ...]  # per-mount options (rw/ro, nodev…)
+    super_options: tuple[str, ...]
+
+    @property
+    def read_only(self) -> bool:
+        return "ro" in self.options or "ro" in self.super_options
+
+
+def _unescape(field: str) -> str:
+    # mountinfo escapes space, tab, newline and backslash as \040 \011 \012 \134.
+    out, i = [], 0
+    while i < len(field):
+        if field[i] == "\\" and i + 3 < len(field) and field[i + 1:i + 4].isdigit():
+            out.append(chr(int(field[i + 1:i + 4], 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+def parse_mountinfo(text: str) -> list[MountEntry]:
+    """Parse proc(5) mountinfo text; optional fields end at the lone '-' separator."""
+    entries = []
+    for line in text.splitlines():
+        parts = line.split(" ")
+        if len(parts) < 10 or "-" not in parts[6:]:
+            continue
+        sep = parts.index("-", 6)
+        entries.append(MountEntry(
+            major_minor=parts[2],
+            root=_unescape(parts[3]),
+            mount_point=_unescape(parts[4]),
+            fstype=parts[sep + 1],
+            source=_unescape(parts[sep + 2]),
+            options=tuple(parts[5].split(",")),
+            super_options=tuple(parts[sep + 3].split(",")) if len(parts) > sep + 3 else (),
+        ))
+    return entries
+
+
+def read_mountinfo(path: str = MOUNTINFO) -> list[MountEntry]:
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return parse_mountinfo(f.read())
+
+
+def mount_at(mount_point: str, entries: Iterable[MountEntry]) -> MountEntry | None:
+    """The mount that is visible at mount_point (the last one stacked there), if any."""
+    want = os.path.normpath(mount_point)
+    found = None
+    for entry in entries:
+        if entry.mount_point == want:
+            found = entry
+    return found
+
+
+def mounts_of_device(major_minor: str, entries: Iterable[MountEntry]) -> list[MountEntry]:
+    return [e for e in entries if e.major_minor == major_minor]
+
+
+def device_major_minor(path: str) -> str:
+    st = os.stat(path)
+    return f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
+
+
+def mount_from_fstab(mount_point: str, fstab: str, run=default_run) -> None:
+    """Mount exactly as the fstab line says (`mount --fstab`), so the line itself is proven."""
+    run(["mount", "--fstab", fstab, mount_point], timeout=MOUNT_TIMEOUT)
+
+
+def unmount(mount_point: str, run=default_run) -> None:
+    run(["umount", mount_point], timeout=MOUNT_TIMEOUT)
+
+
+def is_immutable(path: str) -> bool | None:
+    """chattr +i state of a directory via FS_IOC_GETFLAGS; None when the filesystem has no flags."""
+    import array
+    import fcntl
+
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        buf = array.array("l", [0])
+        fcntl.ioctl(fd, FS_IOC_GETFLAGS, buf, True)
+    except OSError:
+        return None  # tmpfs, overlayfs… have no inode flags
+    finally:
+        os.close(fd)
+    return bool(buf[0] & FS_IMMUTABLE_FL)
+
+
+def set_immutable(path: str, immutable: bool, run=default_run) -> None:
+    run(["chattr", "+i" if immutable else "-i", path], timeout=10)

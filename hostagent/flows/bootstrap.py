@@ -1,0 +1,357 @@
+"""bootstrap: volume → device → format only if blank → fstab by UUID → mount → CouchDB layout.
+
+Each phase looks at the host, then adds steps (what and why) to the plan; a step that is already
+in the desired state is skipped. --dry-run prints the plan and changes nothing. A crash at any
+point leaves a state that the next run recognises and finishes.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import uuid as uuidlib
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+from hostagent.errors import OperationError, RefusedError, UsageError
+from hostagent.lock import host_lock
+from hostagent.plan import DONE, PLANNED, Step, apply_steps, render_steps
+from hostagent.report import Report
+from hostagent import state
+
+# Test seam for crash-safety tests: SIGKILL ourselves right after the named step is done.
+CRASH_AFTER_ENV = "HOSTAGENT_CRASH_AFTER"
+DEVICE_POLL_SECONDS = 0.5
+
+
+@dataclass
+class Bootstrap:
+    """The state one bootstrap run carries from phase to phase."""
+
+    config: object
+    dry_run: bool
+    steps: list[Step] = field(default_factory=list)
+    aws: object = None
+    identity: object = None
+    volume: object = None  # aws.volume.VolumeInfo when the volume is found in EC2
+    device: object = None  # blockdev.BlockDevice
+    fs_uuid: str | None = None
+    wrote_fstab: bool = False
+
+    @property
+    def volume_id(self) -> str | None:
+        return self.volume.volume_id if self.volume else (self.config.volume.id or None)
+
+    def add(self, step: Step) -> None:
+        """Record and (unless dry-run) apply one step at once: later phases look at its result."""
+        self.steps.append(step)
+        apply_steps([step], dry_run=self.dry_run)
+        crash_after = os.environ.get(CRASH_AFTER_ENV)
+        if crash_after and crash_after == step.name and step.status == DONE:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def pending(self, name: str) -> bool:
+        return any(s.name == name and s.status == PLANNED for s in self.steps)
+
+
+def run(ctx, args) -> Report:
+    config = ctx.config
+    b = Bootstrap(config=config, dry_run=args.dry_run)
+    try:
+        with host_lock(config.host.lock_file):
+            run_phases(b)
+    except Exception as exc:
+        # The operator sees which steps were done before the failure; the error is the last line.
+        if b.steps and not ctx.json:
+            print(render_steps(b.steps))
+        raise exc
+    changed = [s for s in b.steps if s.status in (DONE, PLANNED)]
+    if args.dry_run:
+        summary = f"dry run: {len(changed)} step(s) would change the host" if changed else \
+            "dry run: nothing to do, the host is as configured"
+    else:
+        summary = f"{len(changed)} step(s) done" if changed else "nothing to do: already bootstrapped"
+    text = render_steps(b.steps) + "\n" + summary
+    extra = {"dry_run": bool(args.dry_run), "volume_id": b.volume_id,
+             "device": b.device.path if b.device else None, "uuid": b.fs_uuid}
+    return Report(ok=True, key="steps", items=[s.as_dict() for s in b.steps], text=text,
+                  extra=extra)
+
+
+def run_phases(b: Bootstrap) -> None:
+    if b.config.volume.uses_aws:
+        phase_volume(b)
+    phase_device(b)
+    if b.device is None:  # dry run: the device appears only after the planned attach
+        return
+    phase_filesystem(b)
+    phase_fstab(b)
+    mounted = phase_mount(b)
+    if mounted or not b.dry_run:
+        phase_layout(b)
+    record_volume(b)
+
+
+def phase_volume(b: Bootstrap) -> None:
+    from hostagent.aws.clients import AWS
+    from hostagent.aws.volume import attach_volume, decide_attach, find_volume
+
+    vol_cfg = b.config.volume
+    b.aws = AWS()
+    b.identity = b.aws.identity
+    b.volume = find_volume(b.aws.ec2, volume_id=vol_cfg.id, tags=dict(vol_cfg.tags))
+    decision = decide_attach(b.identity, b.volume)
+    where = f"{b.volume.volume_id} in {b.volume.availability_zone}"
+    if decision == "attached-here":
+        b.add(Step("attach", f"attach {b.volume.volume_id}",
+                   f"already attached to this instance ({b.identity.instance_id})"))
+        return
+    if not vol_cfg.attach:
+        raise OperationError(f"volume {where} is available but volume.attach = false",
+                             where=b.config.source, hint="attach it, or set volume.attach = true")
+
+    def attach() -> str:
+        b.volume = attach_volume(b.aws.ec2, b.identity, b.volume, vol_cfg.device_name,
+                                 timeout=vol_cfg.attach_timeout)
+        return f"attached to {b.identity.instance_id} as {vol_cfg.device_name}"
+
+    b.add(Step("attach", f"AttachVolume {b.volume.volume_id} as {vol_cfg.device_name}",
+               f"volume is available ({where})", run=attach))
+
+
+def phase_device(b: Bootstrap) -> None:
+    from hostagent.adapters.blockdev import find_volume_device, list_block_devices, \
+        resolve_explicit_device
+
+    vol_cfg = b.config.volume
+    if b.pending("attach"):
+        b.add(Step("device", f"wait for the block device of {b.volume_id}",
+                   "it appears once the attachment completes", run=lambda: None))
+        return
+    if vol_cfg.device:
+        b.device = resolve_explicit_device(vol_cfg.device, list_block_devices(),
+                                           volume_id=b.volume_id)
+        return
+    # After an attach the kernel needs a moment to show the disk: wait, bounded.
+    deadline = time.monotonic() + vol_cfg.attach_timeout
+    while True:
+        try:
+            b.device = find_volume_device(list_block_devices(), volume_id=b.volume_id,
+                                          requested_name=vol_cfg.device_name)
+            return
+        except RefusedError:
+            raise
+        except OperationError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(DEVICE_POLL_SECONDS)
+
+
+def phase_filesystem(b: Bootstrap) -> None:
+    from hostagent.adapters import probe
+
+    dev = b.device
+    cfg = b.config
+    formatted_tag = None
+    if b.volume is not None:
+        from hostagent.aws.volume import FORMATTED_TAG
+
+        formatted_tag = b.volume.tags.get(FORMATTED_TAG)
+    evidence = probe.gather_evidence(
+        dev.path, size_bytes=dev.size_bytes, partitions=dev.partitions, holders=dev.holders,
+        serial_volume_id=dev.volume_id, expected_volume_id=b.volume_id,
+        formatted_tag=formatted_tag)
+    decision = probe.decide(evidence)
+    intent = state.read_record(cfg.host.state_dir, state.FORMAT_INTENT)
+    if is_own_interrupted_format(intent, dev, evidence, decision):
+        decision = probe.Decision("format", "an earlier hostagent mkfs of this device was "
+                                  f"interrupted ({intent.get('started')}); nothing was mounted since")
+    if decision.action == "refuse":
+        raise probe.refusal_error(decision, dev.path, volume_id=b.volume_id)
+    if decision.action == "reuse":
+        b.fs_uuid = decision.fs_uuid
+        label = f", label {decision.fs_label}" if decision.fs_label else ""
+        b.add(Step("format", f"mkfs.{cfg.filesystem.type} {dev.path}",
+                   f"ext4 found (UUID {decision.fs_uuid}{label}): reused, never remade"))
+        if intent:
+            state.remove_record(cfg.host.state_dir, state.FORMAT_INTENT)
+    else:
+        new_uuid = str(uuidlib.uuid4())
+
+        def do_format() -> str:
+            # The intent record makes a crash mid-mkfs recognisable as our own half-made
+            # filesystem, so the rerun may format again instead of refusing forever.
+            state.write_record(cfg.host.state_dir, state.FORMAT_INTENT, {
+                "major_minor": dev.major_minor, "size_bytes": dev.size_bytes,
+                "serial": dev.serial, "volume_id": b.volume_id, "uuid": new_uuid,
+                "started": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+            probe.format_ext4(dev.path, cfg.filesystem.label, uuid=new_uuid)
+            b.fs_uuid = probe.filesystem_uuid(dev.path)
+            if b.fs_uuid is None:
+                raise OperationError(f"mkfs.ext4 finished but blkid finds no filesystem on {dev.path}")
+            state.remove_record(cfg.host.state_dir, state.FORMAT_INTENT)
+            return f"ext4 UUID {b.fs_uuid}"
+
+        b.add(Step("format", f"mkfs.ext4 -L {cfg.filesystem.label} -m 0 {dev.path}",
+                   f"proven blank: {decision.reason}", run=do_format))
+    if b.volume is not None:
+        phase_tag_formatted(b, formatted_tag)
+
+
+def is_own_interrupted_format(intent, dev, evidence, decision) -> bool:
+    """PURE: a leftover intent for this very device, and nothing on it but our own partial mkfs."""
+    if not intent or decision.action == "format":
+        return False
+    same_device = (intent.get("major_minor") == dev.major_minor
+                   and intent.get("size_bytes") == dev.size_bytes
+                   and intent.get("serial", "") == dev.serial)
+    if not same_device or evidence.partitions or evidence.holders or evidence.mounted_at \
+            or evidence.is_root_disk:
+        return False
+    if evidence.blkid_exit == 2 and not evidence.wipefs_signatures:
+        return True  # mkfs was killed before it wrote a superblock
+    fs_type = evidence.blkid.get("TYPE")
+    return evidence.blkid_exit == 0 and fs_type == "ext4" and \
+        evidence.blkid.get("UUID", "").lower() == str(intent.get("uuid", "")).lower()
+
+
+def phase_tag_formatted(b: Bootstrap, formatted_tag: str | None) -> None:
+    from hostagent.aws.volume import FORMATTED_TAG, tag_formatted
+
+    if formatted_tag:
+        b.add(Step("tag-volume", f"tag {b.volume_id} {FORMATTED_TAG}",
+                   f"already tagged ({formatted_tag})"))
+        return
+
+    def tag() -> str:
+        tag_formatted(b.aws.ec2, b.volume_id, datetime.now(timezone.utc))
+        return f"{FORMATTED_TAG} set"
+
+    b.add(Step("tag-volume", f"tag {b.volume_id} {FORMATTED_TAG}=<now>",
+               "the volume now holds our filesystem: it must never look blank again", run=tag))
+
+
+def phase_fstab(b: Bootstrap) -> None:
+    from hostagent.adapters import fstab
+
+    fs = b.config.filesystem
+    try:
+        with open(fs.fstab, encoding="utf-8", errors="surrogateescape") as f:
+            old = f.read()
+    except FileNotFoundError:
+        old = ""
+    except IsADirectoryError:
+        raise UsageError("filesystem.fstab is a directory", where=fs.fstab) from None
+    if b.fs_uuid is None:  # dry run before mkfs: the UUID is not known yet
+        b.add(Step("fstab", f"add UUID=<new> {fs.mount_point} line to {fs.fstab}",
+                   "after the format", run=lambda: None))
+        return
+    entry = fstab.desired_entry(b.fs_uuid, fs.mount_point, fs.type, fs.options, fs.device_timeout)
+    new = fstab.plan_fstab(old, entry)
+    if new == old:
+        b.add(Step("fstab", f"UUID={b.fs_uuid} {fs.mount_point} in {fs.fstab}", "already present"))
+        return
+    previous = fstab.find_entry(old, fs.mount_point)
+    why = f"replaces `{previous.spec} {previous.file}`" if previous else "no line for the mount point"
+
+    def write() -> str:
+        b.wrote_fstab = fstab.write_fstab(fs.fstab, new)
+        return "written (previous file kept as backup)"
+
+    b.add(Step("fstab", f"write UUID={b.fs_uuid} {fs.mount_point} to {fs.fstab}", why, run=write))
+
+
+def phase_mount(b: Bootstrap) -> bool:
+    """Mount point, root-disk guard, mount. Returns whether the volume is (or will be) mounted."""
+    from hostagent.adapters import mounts
+
+    fs = b.config.filesystem
+    mp = os.path.normpath(fs.mount_point)
+    current = mounts.mount_at(mp, mounts.read_mountinfo())
+    if current is not None:
+        if current.major_minor != b.device.major_minor:
+            raise RefusedError(
+                f"{mp} already has {current.source} mounted, not {b.device.path}; refusing to "
+                "mount over it", hint=f"check `findmnt {mp}`; unmount it by hand if it is stale")
+        b.add(Step("mount", f"mount {b.device.path} on {mp}", "already mounted"))
+        return True
+    for m in mounts.mounts_of_device(b.device.major_minor, mounts.read_mountinfo()):
+        raise RefusedError(f"{b.device.path} is already mounted at {m.mount_point}; refusing to "
+                           f"mount it at {mp} too", hint=f"umount {m.mount_point}")
+    if os.path.lexists(mp) and not os.path.isdir(mp):
+        raise UsageError("mount point exists and is not a directory", where=mp)
+    if not os.path.isdir(mp):
+        b.add(Step("mount-point", f"mkdir {mp}", "missing",
+                   run=lambda: os.makedirs(mp, mode=0o755, exist_ok=True)))
+    guard_mount_point(b, mp)
+
+    def do_mount() -> str:
+        try:
+            mounts.mount_from_fstab(mp, fs.fstab)
+        except OperationError:
+            if b.wrote_fstab:
+                from hostagent.adapters import fstab
+
+                fstab.restore_fstab(fs.fstab)  # never leave a line that fails at the next boot
+            raise
+        return f"mounted from {fs.fstab}"
+
+    b.add(Step("mount", f"mount {b.device.path} on {mp}", "not mounted", run=do_mount))
+    return True
+
+
+def guard_mount_point(b: Bootstrap, mp: str) -> None:
+    """Keep the bare mount point immutable so nothing (Docker…) writes CouchDB data to the root disk."""
+    from hostagent.adapters import mounts
+
+    if not os.path.isdir(mp):  # dry run: created by the planned mkdir
+        b.add(Step("guard", f"chattr +i {mp}", "bare mount point", run=lambda: None))
+        return
+    leftovers = sorted(os.listdir(mp))
+    if leftovers:
+        import logging
+
+        logging.getLogger(__name__).warning(
+            "bare %s is not empty (%s): something wrote to the root disk while the volume was "
+            "not mounted; it stays there, hidden under the mount", mp, ", ".join(leftovers[:5]))
+    if mounts.is_immutable(mp):
+        b.add(Step("guard", f"chattr +i {mp}", "bare mount point already immutable"))
+        return
+
+    def set_guard() -> str:
+        try:
+            mounts.set_immutable(mp, True)
+        except OperationError as exc:
+            return f"not supported here ({exc}); relying on the persistence attribute"
+        return "immutable while unmounted"
+
+    b.add(Step("guard", f"chattr +i {mp}", "Docker must not create data/ on the root disk",
+               run=set_guard))
+
+
+def phase_layout(b: Bootstrap) -> None:
+    from hostagent.adapters.layout import apply_layout, inspect_layout, layout_problem
+
+    lay = b.config.layout
+    mp = os.path.normpath(b.config.filesystem.mount_point)
+    states = inspect_layout(mp, lay.directories) if not b.pending("mount") else []
+    problems = [f"{s.relative}: {p}" for s in states
+                if (p := layout_problem(s, lay.owner, lay.group, lay.mode_bits))]
+    action = f"{', '.join(lay.directories)} owned {lay.owner}:{lay.group} mode {lay.mode}"
+    if states and not problems:
+        b.add(Step("layout", action, "already laid out"))
+        return
+    why = "; ".join(problems) if problems else "after the mount"
+    b.add(Step("layout", action, why, run=lambda: "; ".join(
+        apply_layout(mp, lay.directories, lay.owner, lay.group, lay.mode_bits)) or "ok"))
+
+
+def record_volume(b: Bootstrap) -> None:
+    """Remember what is mounted so verify-mount can check the device without calling AWS."""
+    if b.dry_run or b.fs_uuid is None:
+        return
+    record = {"volume_id": b.volume_id, "device": b.device.path,
+              "major_minor": b.device.major_minor, "serial": b.device.serial, "uuid": b.fs_uuid}
+    if state.read_record(b.config.host.state_dir, state.VOLUME_RECORD) != record:
+        state.write_record(b.config.host.state_dir, state.VOLUME_RECORD, record)
