@@ -255,6 +255,9 @@ def _check_semantics(config: Config) -> None:
     for bad in FORBIDDEN_OPTIONS:
         if bad in opts:
             raise ConfigError(f"filesystem.options must not contain {bad!r}", where=src)
+    if fs.device_timeout < 1:
+        raise ConfigError("filesystem.device_timeout must be at least 1 second (systemd reads 0 "
+                          "as wait forever)", where=src)
     if not 0 <= fs.min_free_percent < 100:
         raise ConfigError("filesystem.min_free_percent must be between 0 and 99", where=src)
     for d in layout.directories:
