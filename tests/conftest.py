@@ -39,6 +39,8 @@ def loop_device(tmp_path):
         out = sh("findmnt", "-rn", "-S", dev, "-o", "TARGET", check=False).stdout.split()
         for target in sorted(out, key=len, reverse=True):
             sh("umount", "-l", target, check=False)
+        # Partitions made on a loop can outlive `losetup -d` on this kernel: drop them first.
+        sh("partx", "-d", dev, check=False)
         sh("losetup", "-d", dev, check=False)
 
 
