@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -15,6 +16,16 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 TOKEN_PATH = "/latest/api/token"
 TTL_HEADER = "X-aws-ec2-metadata-token-ttl-seconds"
 TOKEN_HEADER = "X-aws-ec2-metadata-token"
+
+
+class _QuietServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):
+        # Clients that time out on purpose (the hop-limit tests) close before our answer arrives.
+        if isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
+            return
+        super().handle_error(request, client_address)
 
 
 class IMDSServer:
@@ -26,6 +37,10 @@ class IMDSServer:
         self.tokens: dict[str, float] = {}  # token -> expiry (monotonic)
         self.requests: list[tuple[str, str, bool]] = []  # (method, path, had_valid_token)
         self.fail_next: list[int] = []  # status codes to answer next, for retry tests
+        self.untokened_gets: list[str] = []  # paths of GETs sent with no token header (IMDSv1)
+        # Seconds to stall before answering a token PUT: what a container sees with hop limit 1,
+        # where the answer is dropped on the way back and the PUT just times out.
+        self.put_delay = 0.0
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -43,6 +58,8 @@ class IMDSServer:
 
             def do_PUT(self):
                 server.requests.append(("PUT", self.path, False))
+                if server.put_delay:
+                    time.sleep(server.put_delay)
                 if server.fail_next:
                     return self._send(server.fail_next.pop(0))
                 if self.path != TOKEN_PATH:
@@ -63,6 +80,8 @@ class IMDSServer:
 
             def do_GET(self):
                 token = self.headers.get(TOKEN_HEADER)
+                if token is None:
+                    server.untokened_gets.append(self.path)
                 valid = token in server.tokens and server.tokens[token] > time.monotonic()
                 server.requests.append(("GET", self.path, valid))
                 if server.fail_next:
@@ -75,9 +94,10 @@ class IMDSServer:
                 ctype = "application/json" if body.startswith("{") else "text/plain"
                 self._send(200, body.encode(), ctype)
 
-        self.httpd = ThreadingHTTPServer((host, port), Handler)
-        self.httpd.daemon_threads = True
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.httpd = _QuietServer((host, port), Handler)
+        # A short poll interval makes stop() (shutdown) return in ~50 ms instead of 0.5 s.
+        self.thread = threading.Thread(target=self.httpd.serve_forever,
+                                       kwargs={"poll_interval": 0.05}, daemon=True)
 
     def answer(self, path: str) -> str | None:
         doc = {

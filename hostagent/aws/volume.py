@@ -1,0 +1,240 @@
+"""Find the persistence EBS volume, decide whether it may be attached here, attach it, tag it.
+
+The checks are ours, made before any call that changes anything: AWS refuses some of these cases
+itself (VolumeInUse, InvalidVolume.ZoneMismatch) but test servers and future APIs may not, and a
+refusal should name the other instance or zone in words an operator can act on.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from types import MappingProxyType
+from typing import Any, Callable, Mapping
+
+from hostagent.errors import ConfigError, OperationError, RefusedError
+
+FORMATTED_TAG = "hostagent:formatted"
+
+ATTACHED_HERE = "attached-here"
+ATTACH = "attach"
+
+USABLE_STATES = ("available", "in-use")
+# An attachment in any of these states means the instance holds (or is about to hold) the volume.
+HOLDING_STATES = ("attaching", "attached", "busy", "detaching")
+POLL_START = 1.0  # seconds between DescribeVolumes polls while attaching, doubled up to POLL_MAX
+POLL_MAX = 5.0
+
+
+@dataclass(frozen=True)
+class Identity:
+    instance_id: str
+    region: str
+    availability_zone: str
+
+
+@dataclass(frozen=True)
+class Attachment:
+    instance_id: str
+    device: str
+    state: str
+
+
+@dataclass(frozen=True)
+class VolumeInfo:
+    volume_id: str
+    availability_zone: str
+    state: str
+    size_gib: int
+    attachments: tuple[Attachment, ...] = ()
+    tags: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+
+    def attachment_of(self, instance_id: str) -> Attachment | None:
+        return next((a for a in self.attachments if a.instance_id == instance_id), None)
+
+    def describe(self) -> str:
+        """'vol-… (us-east-1a, in-use, attached to i-… as /dev/xvdf)' for operator messages."""
+        held = [f"{a.state} to {a.instance_id}" + (f" as {a.device}" if a.device else "")
+                for a in self.attachments if a.state != "detached"]
+        return f"{self.volume_id} ({', '.join([self.availability_zone, self.state, *held])})"
+
+
+def volume_info(raw: Mapping[str, Any]) -> VolumeInfo:
+    """A VolumeInfo from one entry of DescribeVolumes' `Volumes`."""
+    attachments = tuple(
+        Attachment(instance_id=a.get("InstanceId", ""), device=a.get("Device", ""),
+                   state=a.get("State", ""))
+        for a in raw.get("Attachments") or ())
+    tags = {t["Key"]: t.get("Value", "") for t in raw.get("Tags") or ()}
+    return VolumeInfo(volume_id=raw["VolumeId"], availability_zone=raw.get("AvailabilityZone", ""),
+                      state=raw.get("State", ""), size_gib=int(raw.get("Size") or 0),
+                      attachments=attachments, tags=MappingProxyType(tags))
+
+
+def describe_search(volume_id: str = "", tags: Mapping[str, str] | None = None) -> str:
+    parts = []
+    if volume_id:
+        parts.append(f"id {volume_id}")
+    if tags:
+        parts.append("tags " + ", ".join(f"{k}={v}" for k, v in sorted(tags.items())))
+    return " and ".join(parts)
+
+
+def find_volume(ec2, *, volume_id: str = "", tags: Mapping[str, str] = MappingProxyType({})
+                ) -> VolumeInfo:
+    """The one volume with this id and/or these tags; zero is an error, several a refusal."""
+    from hostagent.aws.errors import AWSError, aws_call
+
+    tags = dict(tags or {})
+    if not volume_id and not tags:
+        raise ConfigError("[volume] sets neither id nor tags: nothing to look for")
+    searched = describe_search(volume_id, tags)
+    region = getattr(getattr(ec2, "meta", None), "region_name", None)
+    kwargs: dict[str, Any] = {}
+    if volume_id:
+        kwargs["VolumeIds"] = [volume_id]
+    if tags:
+        kwargs["Filters"] = [{"Name": f"tag:{k}", "Values": [v]} for k, v in sorted(tags.items())]
+    volumes: list[VolumeInfo] = []
+    try:
+        with aws_call("ec2:DescribeVolumes", where=region):
+            for page in ec2.get_paginator("describe_volumes").paginate(**kwargs):
+                volumes.extend(volume_info(v) for v in page.get("Volumes", ()))
+    except AWSError as exc:
+        if exc.code != "InvalidVolume.NotFound":
+            raise
+        volumes = []
+    # Filter values treat * and ? as wildcards: keep only exact tag matches. Deleted volumes
+    # linger in listings for a while but are no longer volumes.
+    volumes = [v for v in volumes
+               if v.state != "deleted" and all(v.tags.get(k) == val for k, val in tags.items())]
+    if not volumes:
+        raise OperationError(
+            f"no EBS volume with {searched}", where=region,
+            hint="check [volume] id/tags in the config, and that the volume exists in this "
+                 "instance's region")
+    if len(volumes) > 1:
+        listing = "; ".join(v.describe() for v in volumes)
+        raise RefusedError(
+            f"{len(volumes)} EBS volumes match {searched}: {listing}; refusing to guess",
+            where=region,
+            hint="make the tags match exactly one volume (retag the others), or set [volume] id")
+    return volumes[0]
+
+
+def describe_volume(ec2, volume_id: str) -> VolumeInfo:
+    """The current state of one volume, by id."""
+    return find_volume(ec2, volume_id=volume_id)
+
+
+def decide_attach(identity: Identity, volume: VolumeInfo) -> str:
+    """ATTACHED_HERE or ATTACH, or an error saying why this volume must not be attached here.
+
+    Pure: the same answer for the same data, and no call to anything.
+    """
+    others = [a for a in volume.attachments
+              if a.instance_id != identity.instance_id and a.state != "detached"]
+    if others:
+        held = ", ".join(f"{a.instance_id} ({a.state})" for a in others)
+        raise RefusedError(
+            f"volume {volume.volume_id} is attached to another instance: {held}; refusing to "
+            "take it (hostagent never force-detaches)", where=identity.instance_id,
+            hint="detach it there once nothing uses it (stop CouchDB on that host first), then "
+                 "run `hostagent bootstrap` again")
+    if volume.availability_zone != identity.availability_zone:
+        raise OperationError(
+            f"volume {volume.volume_id} is in {volume.availability_zone} but this instance "
+            f"{identity.instance_id} is in {identity.availability_zone}; EBS volumes attach only "
+            "within their zone",
+            hint=f"make a volume in {identity.availability_zone} from a snapshot: `hostagent "
+                 "snapshots`, then `hostagent restore SNAPSHOT_ID`; or launch the instance in "
+                 f"{volume.availability_zone}")
+    if volume.state not in USABLE_STATES:
+        raise OperationError(
+            f"volume {volume.volume_id} is {volume.state or 'in an unknown state'}, not available",
+            hint=("wait until it is available, then run again" if volume.state == "creating" else
+                  "this volume cannot be attached: restore a snapshot with `hostagent restore`"))
+    mine = volume.attachment_of(identity.instance_id)
+    if mine and mine.state in ("attached", "busy"):
+        return ATTACHED_HERE
+    if mine and mine.state == "detaching":
+        raise OperationError(
+            f"volume {volume.volume_id} is being detached from this instance "
+            f"{identity.instance_id}", hint="wait until it is available, then run again")
+    if mine and mine.state == "attaching":
+        return ATTACH  # attach_volume only waits: a second AttachVolume would fail
+    if volume.state == "in-use":
+        raise OperationError(
+            f"volume {volume.volume_id} is in-use but lists no attachment to this instance",
+            hint="run again in a few seconds (EC2 listings settle)")
+    return ATTACH
+
+
+def attach_volume(ec2, identity: Identity, volume: VolumeInfo, device_name: str, *,
+                  timeout: float, clock: Callable[[], float] = time.monotonic,
+                  sleep: Callable[[float], None] = time.sleep) -> VolumeInfo:
+    """Attach `volume` to this instance and wait until DescribeVolumes shows it attached here.
+
+    The volume is described afresh and decide_attach runs again right before AttachVolume, so a
+    stale VolumeInfo can never lead to taking a volume another instance has picked up since.
+    """
+    from hostagent.aws.errors import AWSError, aws_call
+
+    current = describe_volume(ec2, volume.volume_id)
+    if decide_attach(identity, current) == ATTACHED_HERE:
+        return current
+    mine = current.attachment_of(identity.instance_id)
+    if not (mine and mine.state == "attaching"):
+        try:
+            with aws_call("ec2:AttachVolume", where=volume.volume_id):
+                ec2.attach_volume(VolumeId=volume.volume_id, InstanceId=identity.instance_id,
+                                  Device=device_name)
+        except AWSError as exc:
+            if exc.code == "VolumeInUse":
+                raise RefusedError(
+                    f"volume {volume.volume_id} is in use elsewhere (AWS said VolumeInUse); "
+                    "refusing to take it", where=identity.instance_id,
+                    hint="hostagent never force-detaches: detach it where it is attached, then "
+                         "run `hostagent bootstrap` again") from exc
+            raise
+    deadline = clock() + timeout
+    delay = POLL_START
+    while True:
+        current = describe_volume(ec2, volume.volume_id)
+        mine = current.attachment_of(identity.instance_id)
+        if mine and mine.state in ("attached", "busy"):
+            return current
+        others = [a for a in current.attachments
+                  if a.instance_id != identity.instance_id and a.state in HOLDING_STATES]
+        if others:
+            raise RefusedError(
+                f"volume {volume.volume_id} went to another instance while attaching: "
+                + ", ".join(f"{a.instance_id} ({a.state})" for a in others),
+                where=identity.instance_id)
+        remaining = deadline - clock()
+        if remaining <= 0:
+            state = mine.state if mine else "no attachment yet"
+            raise OperationError(
+                f"volume {volume.volume_id} not attached to {identity.instance_id} after "
+                f"{timeout:g} s (attachment state: {state})",
+                hint="EC2 may still finish the attachment: check `aws ec2 describe-volumes "
+                     f"--volume-ids {volume.volume_id}` and run `hostagent bootstrap` again")
+        sleep(min(delay, remaining))
+        delay = min(delay * 2, POLL_MAX)
+
+
+def tag_formatted(ec2, volume_id: str, when: datetime) -> None:
+    """Mark the volume as formatted by hostagent: a later blank-looking device is then suspect."""
+    from hostagent.aws.errors import aws_call
+
+    if when.tzinfo is None:
+        raise ValueError("tag_formatted needs an aware datetime")
+    stamp = when.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    with aws_call("ec2:CreateTags", where=volume_id):
+        ec2.create_tags(Resources=[volume_id], Tags=[{"Key": FORMATTED_TAG, "Value": stamp}])
+
+
+def is_formatted(volume: VolumeInfo) -> bool:
+    """Has hostagent put a filesystem on this volume before (the FORMATTED_TAG is set)?"""
+    return bool(volume.tags.get(FORMATTED_TAG))
