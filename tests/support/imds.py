@@ -45,6 +45,9 @@ class IMDSServer:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            # Headers and body go out in separate writes; with Nagle on, a kept-alive connection
+            # waits ~40 ms for the delayed ACK on every answer.
+            disable_nagle_algorithm = True
 
             def log_message(self, *a):  # keep test output clean
                 pass
