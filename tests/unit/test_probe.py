@@ -428,7 +428,8 @@ def test_probe_wipefs_never_acts_and_reports_failures():
     run = fake_run(0, WIPEFS_XFS)
     assert probe.probe_wipefs(DEV, run) == (("xfs at 0x0",), None)
     assert "--no-act" in run.calls[0] and "-a" not in run.calls[0]
-    sigs, err = probe.probe_wipefs(DEV, fake_run(1, "", "wipefs: error: /dev/x: probing initialization failed"))
+    failing = fake_run(1, "", "wipefs: error: /dev/x: probing initialization failed")
+    sigs, err = probe.probe_wipefs(DEV, failing)
     assert sigs == () and "probing initialization failed" in err
     assert probe.probe_wipefs(DEV, fake_run(0, "not json"))[1].startswith("unreadable output")
 
