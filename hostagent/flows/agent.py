@@ -235,6 +235,7 @@ class Agent:
         self.ecs_retry_at = 0.0
         self.ecs_failures = 0
         self.ecs_error: str | None = None
+        self.last_put: dict[str, str] | None = None
         # snapshots
         self.snapshot_newest: dict | None = None
         self.snapshot_next = 0.0
@@ -404,6 +405,7 @@ class Agent:
                 self.synced = True
             put = answer.get("put") or {}
             self.reported.update(put)
+            self.last_put = put
             for name, value in sorted(put.items()):
                 log.info("ECS: %s=%s", name, value)
             if part.get("sync") and not put:
@@ -620,7 +622,7 @@ def once_report(agent: Agent, result: RoundResult) -> Report:
         "couchdb": {"state": couchdb_attribute(result.couchdb), "reason": result.couchdb.reason},
         "security": [asdict(p) for p in result.posture],
         "ecs": {"state": ecs, "detail": ecs_detail if agent.ecs_enabled else None,
-                "attributes": agent.reported},
+                "attributes": agent.reported, "put": agent.last_put},
         "snapshot": None if not agent.snapshot_newest else {**agent.snapshot_newest, "age_hours": age},
     }
     return Report(ok=ok, key="checks", items=items, text=text,
