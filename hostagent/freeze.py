@@ -204,9 +204,9 @@ def frozen(mount_point: str, *, timeout: float, run=default_run,
         finally:
             try:
                 thaw(mount_point, run)
+                thawed = True
             finally:
                 outcome.frozen_seconds = time.monotonic() - started
-        thawed = True
         log.info("thawed %s after %.2fs", mount_point, outcome.frozen_seconds)
     finally:
         if previous is not None:

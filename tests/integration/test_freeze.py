@@ -1,0 +1,324 @@
+"""The freeze on a real loop-mounted ext4: frozen exactly during CreateSnapshot, always thawed —
+after a normal call, an API hang (watchdog timeout), SIGKILL and SIGTERM of hostagent.
+
+"Frozen" is observed the way CouchDB would feel it: a write from another thread blocks.
+AWS is the moto server; for the CLI kill tests a small proxy in front of it holds CreateSnapshot
+(the only hand-written part: moto cannot be told to hang a call).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from hostagent.aws.clients import AWS
+from hostagent.cli import main
+from hostagent.flows.snapshot import run_snapshot
+from tests.support.cloud import args, context, make_cloud
+from tests.support.hosttools import need_root, need_tool, sh
+
+pytestmark = pytest.mark.root
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def start_write(mount_point: str) -> threading.Event:
+    """Create a file from another thread; the event is set once the write went through."""
+    done = threading.Event()
+    path = os.path.join(mount_point, f"probe-{uuid.uuid4().hex[:8]}")
+
+    def write():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+        os.write(fd, b"x")
+        os.close(fd)
+        done.set()
+
+    threading.Thread(target=write, daemon=True).start()
+    return done
+
+
+def is_frozen(mount_point: str, wait: float = 0.5) -> bool:
+    return not start_write(mount_point).wait(wait)
+
+
+def wait_thawed(mount_point: str, within: float) -> float:
+    """Seconds until a write goes through; fails the test if it takes longer than `within`."""
+    start = time.monotonic()
+    assert start_write(mount_point).wait(within), f"{mount_point} still frozen after {within}s"
+    return time.monotonic() - start
+
+
+def watchdogs_for(mount_point: str) -> list[int]:
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if b"hostagent.freeze" in argv and mount_point.encode() in argv:
+            pids.append(int(pid))
+    return pids
+
+
+@pytest.fixture
+def ext4(loop_device, host_paths):
+    need_root()
+    need_tool("mkfs.ext4", "e2fsprogs")
+    need_tool("fsfreeze", "util-linux")
+    dev = loop_device("64M")
+    mp = host_paths["mount_point"]
+    os.makedirs(mp, exist_ok=True)
+    sh("mkfs.ext4", "-q", dev)
+    sh("mount", dev, mp)
+    yield mp
+    # Whatever happened, never leave a frozen filesystem behind (umount would hang).
+    sh("fsfreeze", "-u", mp, check=False)
+
+
+@pytest.fixture
+def cloud(aws, imds, tmp_path):
+    return make_cloud(imds, tmp_path)
+
+
+def frozen_config(cloud, mp, **snapshot):
+    return cloud.config(filesystem={"mount_point": mp},
+                        snapshot={"freeze": True, "freeze_timeout": 20, **snapshot})
+
+
+def test_filesystem_is_frozen_during_create_snapshot_and_thawed_after(cloud, ext4):
+    aws = AWS()
+    seen = {}
+
+    def during_create(request, **kw):
+        seen["write_blocked"] = is_frozen(ext4)
+        second = subprocess.run(["fsfreeze", "-f", ext4], capture_output=True, text=True)
+        seen["refreeze"] = (second.returncode, second.stderr)
+        seen["watchdogs"] = watchdogs_for(ext4)
+
+    aws.ec2.meta.events.register("before-send.ec2.CreateSnapshot", during_create)
+    assert not is_frozen(ext4)
+    report = run_snapshot(context(frozen_config(cloud, ext4)), args(no_prune=True), aws=aws)
+    assert report.ok
+    assert seen["write_blocked"] is True
+    assert seen["refreeze"][0] != 0 and "busy" in seen["refreeze"][1]
+    assert len(seen["watchdogs"]) == 1, "exactly one watchdog is armed while frozen"
+    wait_thawed(ext4, within=2)
+    assert watchdogs_for(ext4) == [], "the watchdog exits once told we thawed"
+    tags = cloud.snapshot_tags(report.extra["snapshot_id"])
+    assert tags["hostagent:consistency"] == "frozen"
+    assert "frozen" in report.items[0]["detail"]
+
+
+def test_api_hang_is_cut_short_by_the_watchdog(cloud, ext4):
+    timeout = 2
+    aws = AWS()
+    seen = {}
+
+    def hang(request, **kw):
+        start = time.monotonic()
+        seen["frozen_at_start"] = is_frozen(ext4, wait=0.3)
+        seen["thawed_after"] = wait_thawed(ext4, within=timeout + 3) + 0.3
+        time.sleep(max(0.0, timeout + 2 - (time.monotonic() - start)))  # hang past the timeout
+
+    aws.ec2.meta.events.register("before-send.ec2.CreateSnapshot", hang)
+    report = run_snapshot(context(frozen_config(cloud, ext4, freeze_timeout=timeout)),
+                          args(no_prune=True), aws=aws)
+    assert seen["frozen_at_start"] is True
+    # The watchdog is armed just before the freeze and the hook starts just after it.
+    assert 1.0 <= seen["thawed_after"] <= timeout + 1.5, seen
+    assert report.ok
+    # Part of the call ran unfrozen: the snapshot must not claim to be consistent.
+    assert cloud.snapshot_tags(report.extra["snapshot_id"])["hostagent:consistency"] == "crash"
+    assert "watchdog" in report.items[0]["detail"]
+
+
+def test_sigkill_while_frozen_thaws_at_once(ext4):
+    """hostagent's freeze functions in a process that is then killed with SIGKILL."""
+    code = ("import sys, time\n"
+            "from hostagent.freeze import frozen\n"
+            "with frozen(sys.argv[1], timeout=60):\n"
+            "    print('frozen', flush=True)\n"
+            "    time.sleep(600)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, ext4], stdout=subprocess.PIPE,
+                            text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": REPO})
+    try:
+        assert proc.stdout.readline().strip() == "frozen"
+        assert is_frozen(ext4)
+        assert len(watchdogs_for(ext4)) == 1
+        proc.kill()
+        proc.wait(5)
+        # The watchdog sees its pipe close and thaws at once — far sooner than its 60 s.
+        assert wait_thawed(ext4, within=5) < 5
+        deadline = time.monotonic() + 5
+        while watchdogs_for(ext4) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert watchdogs_for(ext4) == []
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+class HoldCreateSnapshot:
+    """An HTTP proxy to moto that holds CreateSnapshot requests until released."""
+
+    def __init__(self, upstream: str):
+        self.upstream = upstream
+        self.holding = threading.Event()
+        self.release = threading.Event()
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                if b"Action=CreateSnapshot" in body:
+                    proxy.holding.set()
+                    proxy.release.wait(60)
+                headers = {k: v for k, v in self.headers.items()
+                           if k.lower() not in ("host", "content-length", "connection")}
+                req = urllib.request.Request(proxy.upstream + self.path, data=body,
+                                             headers=headers, method="POST")
+                try:
+                    with urllib.request.urlopen(req, timeout=30) as resp:
+                        status, data, ctype = resp.status, resp.read(), resp.headers.get(
+                            "Content-Type", "text/xml")
+                except urllib.error.HTTPError as err:
+                    status, data, ctype = err.code, err.read(), "text/xml"
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", ctype)
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except OSError:
+                    pass  # the client was killed meanwhile
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def close(self):
+        self.release.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_killing_hostagent_snapshot_while_frozen_thaws(cloud, ext4, aws, sig):
+    """`python -m hostagent snapshot` as cron runs it, killed while CreateSnapshot is held."""
+    proxy = HoldCreateSnapshot(aws)
+    config = frozen_config(cloud, ext4, freeze_timeout=60)
+    env = {**os.environ, "AWS_ENDPOINT_URL": proxy.url, "PYTHONPATH": REPO,
+           "HOSTAGENT_CONFIG": config}
+    proc = subprocess.Popen([sys.executable, "-m", "hostagent", "snapshot", "--no-prune"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            cwd=REPO)
+    try:
+        assert proxy.holding.wait(30), proc.stderr.read() if proc.poll() is not None else ""
+        assert is_frozen(ext4)
+        proc.send_signal(sig)
+        rc = proc.wait(10)
+        elapsed = wait_thawed(ext4, within=5)
+        assert elapsed < 5  # not the 60 s of freeze_timeout
+        if sig == signal.SIGTERM:
+            assert rc == 128 + signal.SIGTERM  # thawed in `finally`, then exited like a kill
+            assert "Traceback" not in proc.stderr.read()
+        deadline = time.monotonic() + 5
+        while watchdogs_for(ext4) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert watchdogs_for(ext4) == []
+    finally:
+        proc.kill()
+        proc.wait()
+        proxy.close()
+
+
+def test_freeze_true_on_a_filesystem_that_cannot_freeze_is_exit_1_and_no_snapshot(
+        cloud, host_paths, capsys):
+    need_root()
+    mp = host_paths["mount_point"]
+    os.makedirs(mp, exist_ok=True)
+    sh("mount", "-t", "tmpfs", "tmpfs", mp)
+    assert main(["--config", frozen_config(cloud, mp), "snapshot"]) == 1
+    err = capsys.readouterr().err
+    assert "does not support freezing" in err and "freeze = false" in err
+    assert cloud.snapshots() == []
+    assert watchdogs_for(mp) == []
+
+
+def test_freeze_true_with_nothing_mounted_refuses_to_freeze_the_parent_fs(cloud, host_paths,
+                                                                        capsys):
+    mp = host_paths["mount_point"]
+    os.makedirs(mp, exist_ok=True)
+    assert main(["--config", frozen_config(cloud, mp), "snapshot"]) == 1
+    assert "nothing is mounted at" in capsys.readouterr().err
+    assert cloud.snapshots() == []
+
+
+def test_freeze_true_when_the_volume_is_attached_elsewhere_is_exit_1(cloud, ext4, capsys):
+    ec2 = cloud.ec2
+    ec2.detach_volume(VolumeId=cloud.volume_id, InstanceId=cloud.instance_id)
+    other = ec2.run_instances(ImageId="ami-12345678", MinCount=1, MaxCount=1,
+                              Placement={"AvailabilityZone": "us-east-1a"})["Instances"][0]
+    ec2.attach_volume(VolumeId=cloud.volume_id, InstanceId=other["InstanceId"], Device="/dev/xvdf")
+    assert main(["--config", frozen_config(cloud, ext4), "snapshot"]) == 1
+    err = capsys.readouterr().err
+    assert "not attached to this instance" in err and other["InstanceId"] in err
+    assert cloud.snapshots() == []
+    assert not is_frozen(ext4)
+
+
+def test_watchdog_on_its_own_thaws_after_its_timeout(ext4):
+    """The watchdog process alone (no hostagent): armed, never told, thaws after 1 s."""
+    env = {**os.environ, "PYTHONPATH": REPO}
+    sh("fsfreeze", "-f", ext4)
+    r, w = os.pipe()
+    proc = subprocess.Popen([sys.executable, "-m", "hostagent.freeze", "watchdog", ext4, "1"],
+                            stdin=r, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                            cwd=REPO)
+    os.close(r)
+    try:
+        assert proc.stdout.readline() == b"armed\n"
+        assert is_frozen(ext4, wait=0.3)
+        assert proc.wait(10) == 5  # EXIT_TIMED_OUT
+        assert b"thawed" in proc.stderr.read()
+        wait_thawed(ext4, within=2)
+    finally:
+        os.close(w)
+        proc.kill()
+        proc.wait()
+
+
+def test_watchdog_thaws_at_once_on_sigterm(ext4):
+    """systemd stopping the unit sends SIGTERM to the whole cgroup, the watchdog included."""
+    env = {**os.environ, "PYTHONPATH": REPO}
+    sh("fsfreeze", "-f", ext4)
+    r, w = os.pipe()
+    proc = subprocess.Popen([sys.executable, "-m", "hostagent.freeze", "watchdog", ext4, "60"],
+                            stdin=r, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                            cwd=REPO)
+    os.close(r)
+    try:
+        assert proc.stdout.readline() == b"armed\n"
+        assert is_frozen(ext4, wait=0.3)
+        proc.terminate()
+        assert proc.wait(10) == 6  # EXIT_TERMINATED, after thawing
+        assert wait_thawed(ext4, within=2) < 2
+    finally:
+        os.close(w)
+        proc.kill()
+        proc.wait()
