@@ -640,7 +640,7 @@ def gather_evidence(
 # --- formatting and reading back ------------------------------------------------------------
 
 
-def _recheck_content(device_path: str, run) -> Decision:
+def _recheck_evidence(device_path: str, run) -> Evidence | Decision:
     """The content half of the blank test again, right before mkfs: non-interactive mke2fs
     formats over an existing filesystem without asking (it only asks when stdin is a tty)."""
     try:
@@ -651,14 +651,28 @@ def _recheck_content(device_path: str, run) -> Decision:
     edges = read_edges(device_path, size)
     blkid_exit, blkid_info, blkid_error = probe_blkid(device_path, run)
     signatures, wipefs_error = probe_wipefs(device_path, run)
-    return decide(Evidence(
+    return Evidence(
         device=device_path, size_bytes=size, read_error=edges.read_error,
         head_nonzero_offset=edges.head_nonzero_offset, tail_nonzero_offset=edges.tail_nonzero_offset,
         blkid_exit=blkid_exit, blkid=blkid_info, blkid_error=blkid_error,
         wipefs_signatures=signatures, wipefs_error=wipefs_error, partitions=(), holders=(),
         mounted_at=(IN_USE_MARK,) if edges.busy else (),
         is_root_disk=False, serial_volume_id=None, expected_volume_id=None, formatted_tag=None,
-    ))
+    )
+
+
+def is_own_interrupted_format(ev: Evidence, intent_uuid: str) -> bool:
+    """PURE: nothing on the device but what our own mkfs (run with -U intent_uuid) left when it
+    was killed: either no signature at all (killed before the superblock), or ext4 with exactly
+    that UUID (killed after it). The caller has checked that the intent names this very device."""
+    if ev.read_error or ev.partitions or ev.holders or ev.mounted_at or ev.is_root_disk:
+        return False
+    if ev.blkid_exit == BLKID_NOTHING_FOUND and not ev.wipefs_signatures and not ev.wipefs_error:
+        return True
+    return (ev.blkid_exit == 0 and ev.blkid.get("TYPE") == "ext4"
+            and not ev.blkid.get("PTTYPE")
+            and ev.blkid.get("UUID", "").lower() == intent_uuid.lower()
+            and all(sig.split()[0] == "ext4" for sig in ev.wipefs_signatures))
 
 
 def _device_size(device_path: str) -> int:
@@ -669,21 +683,37 @@ def _device_size(device_path: str) -> int:
         os.close(fd)
 
 
-def format_ext4(device_path: str, label: str, run=runner.run) -> None:
-    """mkfs.ext4 a device the caller has proven blank; refuses if it no longer reads as blank."""
+def format_ext4(device_path: str, label: str, run=runner.run, *, uuid: str | None = None,
+                resume_uuid: str | None = None) -> None:
+    """mkfs.ext4 a device the caller has proven blank; refuses if it no longer reads as blank.
+
+    uuid: the filesystem UUID to create (recorded beforehand in the format intent).
+    resume_uuid: the UUID of our own earlier mkfs that was interrupted; its leftovers (and only
+    those) may be formatted over.
+    """
     if len(label.encode("utf-8")) > EXT4_LABEL_MAX_BYTES:
         raise UsageError(f"filesystem label {label!r} is longer than {EXT4_LABEL_MAX_BYTES} bytes",
                          where="[filesystem] label")
     if not label or label.startswith("-"):
         raise UsageError(f"filesystem label {label!r} is not usable", where="[filesystem] label")
-    recheck = _recheck_content(device_path, run)
-    if recheck.action != "format":
+    recheck = _recheck_evidence(device_path, run)
+    if isinstance(recheck, Decision):
         raise refusal_error(recheck, device_path)
-    # No -F: mke2fs then still refuses a mounted or busy device. input="" so it can never wait
-    # on a question.
-    run(["mkfs.ext4", "-q", "-L", label, "-m", "0",
-         "-E", "lazy_itable_init=1,lazy_journal_init=1,nodiscard", device_path],
-        timeout=MKFS_TIMEOUT, input="")
+    decision = decide(recheck)
+    resuming = resume_uuid is not None and decision.action != "format" and \
+        is_own_interrupted_format(recheck, resume_uuid)
+    if decision.action != "format" and not resuming:
+        raise refusal_error(decision, device_path)
+    # No -F for a blank device: mke2fs then still refuses a busy device. One -F (never two: that
+    # would allow a mounted device) only over our own interrupted mkfs. input="" so it can never
+    # wait on a question.
+    argv = ["mkfs.ext4", "-q", "-L", label, "-m", "0",
+            "-E", "lazy_itable_init=1,lazy_journal_init=1,nodiscard"]
+    if uuid:
+        argv += ["-U", uuid]
+    if resuming:
+        argv.append("-F")
+    run(argv + [device_path], timeout=MKFS_TIMEOUT, input="")
 
 
 def read_ext4_superblock(device_path: str) -> tuple[str, str] | None:

@@ -164,7 +164,9 @@ def phase_filesystem(b: Bootstrap) -> None:
         formatted_tag=formatted_tag)
     decision = probe.decide(evidence)
     intent = state.read_record(cfg.host.state_dir, state.FORMAT_INTENT)
+    resume_uuid = None
     if is_own_interrupted_format(intent, dev, evidence, decision):
+        resume_uuid = str(intent["uuid"])
         decision = probe.Decision("format", "an earlier hostagent mkfs of this device was "
                                   f"interrupted ({intent.get('started')}); nothing was mounted since")
     if decision.action == "refuse":
@@ -186,7 +188,8 @@ def phase_filesystem(b: Bootstrap) -> None:
                 "major_minor": dev.major_minor, "size_bytes": dev.size_bytes,
                 "serial": dev.serial, "volume_id": b.volume_id, "uuid": new_uuid,
                 "started": datetime.now(timezone.utc).isoformat(timespec="seconds")})
-            probe.format_ext4(dev.path, cfg.filesystem.label, uuid=new_uuid)
+            probe.format_ext4(dev.path, cfg.filesystem.label, uuid=new_uuid,
+                              resume_uuid=resume_uuid)
             b.fs_uuid = probe.filesystem_uuid(dev.path)
             if b.fs_uuid is None:
                 raise OperationError(f"mkfs.ext4 finished but blkid finds no filesystem on {dev.path}")
@@ -201,19 +204,14 @@ def phase_filesystem(b: Bootstrap) -> None:
 
 def is_own_interrupted_format(intent, dev, evidence, decision) -> bool:
     """PURE: a leftover intent for this very device, and nothing on it but our own partial mkfs."""
-    if not intent or decision.action == "format":
+    from hostagent.adapters.probe import is_own_interrupted_format as only_our_leftovers
+
+    if not intent or decision.action == "format" or not intent.get("uuid"):
         return False
     same_device = (intent.get("major_minor") == dev.major_minor
                    and intent.get("size_bytes") == dev.size_bytes
                    and intent.get("serial", "") == dev.serial)
-    if not same_device or evidence.partitions or evidence.holders or evidence.mounted_at \
-            or evidence.is_root_disk:
-        return False
-    if evidence.blkid_exit == 2 and not evidence.wipefs_signatures:
-        return True  # mkfs was killed before it wrote a superblock
-    fs_type = evidence.blkid.get("TYPE")
-    return evidence.blkid_exit == 0 and fs_type == "ext4" and \
-        evidence.blkid.get("UUID", "").lower() == str(intent.get("uuid", "")).lower()
+    return same_device and only_our_leftovers(evidence, str(intent["uuid"]))
 
 
 def phase_tag_formatted(b: Bootstrap, formatted_tag: str | None) -> None:
