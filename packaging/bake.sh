@@ -1,0 +1,129 @@
+#!/usr/bin/env bash
+# Install hostagent into a root filesystem: this host (--root /, the default) or an image being
+# built (a Packer chroot, a debootstrap directory). One command, safe to run again (upgrade).
+#
+#   packaging/bake.sh [--root DIR] [--snapshot-schedule timer|cron] [--build-python PYTHON]
+#
+# What it installs into DIR:
+#   /opt/hostagent                    venv made by DIR's own python3, with hostagent and its deps
+#   /usr/local/bin/hostagent          -> /opt/hostagent/bin/hostagent
+#   /usr/local/lib/systemd/system/    hostagent-bootstrap.service, hostagent.service,
+#                                     hostagent-snapshot.service + .timer, ecs.service.d/10-hostagent.conf
+#   /etc/cron.d/hostagent             daily snapshot when the timer is disabled (cron hosts)
+#   /etc/hostagent/hostagent.toml.example
+# and enables the units offline (systemctl --root=DIR enable): nothing is started, so baking on a
+# Packer build instance never attaches or formats anything. The real config,
+# /etc/hostagent/hostagent.toml, comes from the instance's user-data at first boot.
+#
+# Python packages: a wheel of this checkout plus its dependencies are built on the build host
+# with --build-python's pip, which uses the machine's own pip configuration (index, mirrors,
+# constraints); the venv inside DIR then installs them offline (--no-index). The build python
+# must have the same major.minor version as DIR's python3, so the wheels fit.
+set -euo pipefail
+
+ROOT=/
+SCHEDULE=timer
+BUILD_PYTHON=
+usage() {
+  sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//' >&2
+  exit 2
+}
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --root) ROOT=${2:?--root needs a directory}; shift 2 ;;
+    --root=*) ROOT=${1#*=}; shift ;;
+    --snapshot-schedule) SCHEDULE=${2:?}; shift 2 ;;
+    --snapshot-schedule=*) SCHEDULE=${1#*=}; shift ;;
+    --build-python) BUILD_PYTHON=${2:?}; shift 2 ;;
+    --build-python=*) BUILD_PYTHON=${1#*=}; shift ;;
+    -h|--help) usage ;;
+    *) echo "bake: error: unknown argument $1" >&2; usage ;;
+  esac
+done
+
+die() { echo "bake: error: $*" >&2; exit "${EXIT:-1}"; }
+say() { echo "bake: $*"; }
+
+[ "$(id -u)" = 0 ] || EXIT=2 die "run as root (it writes under $ROOT and runs chroot)"
+case "$SCHEDULE" in timer|cron) ;; *) EXIT=2 die "--snapshot-schedule must be timer or cron" ;; esac
+[ -d "$ROOT" ] || EXIT=2 die "root directory $ROOT does not exist"
+ROOT=$(cd "$ROOT" && pwd -P)
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)
+PREFIX=/opt/hostagent
+UNIT_DIR=/usr/local/lib/systemd/system
+R=${ROOT%/}   # "" for /, so "$R/etc" is always right
+
+# Run a command with DIR as its root. For an image root, in a private mount namespace with the
+# pseudo filesystems a venv and pip need; the mounts vanish with the namespace, even on a crash.
+in_root() {
+  if [ "$ROOT" = / ]; then
+    "$@"
+  else
+    unshare --mount --propagation private -- /bin/sh -c '
+      root=$1; shift
+      mount -t proc proc "$root/proc" && mount --rbind /dev "$root/dev" || exit 1
+      exec chroot "$root" /usr/bin/env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+        HOME=/root LANG=C.UTF-8 "$@"' in_root "$ROOT" "$@"
+  fi
+}
+
+[ -x "$R/usr/bin/python3" ] || EXIT=2 die "$ROOT has no /usr/bin/python3 (install python3 and python3-venv in the image first)"
+ROOT_PY_VERSION=$(in_root /usr/bin/python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+in_root /usr/bin/python3 -c 'import ensurepip, venv' 2>/dev/null \
+  || EXIT=2 die "python3 in $ROOT cannot make a venv (install python3-venv in the image first)"
+
+if [ -z "$BUILD_PYTHON" ]; then
+  if [ "$ROOT" = / ]; then BUILD_PYTHON=/usr/bin/python3; else BUILD_PYTHON=$(command -v python3 || true); fi
+fi
+[ -n "$BUILD_PYTHON" ] && "$BUILD_PYTHON" -m pip --version >/dev/null 2>&1 \
+  || EXIT=2 die "no build python with pip (${BUILD_PYTHON:-none}); pass --build-python PATH"
+BUILD_PY_VERSION=$("$BUILD_PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+[ "$BUILD_PY_VERSION" = "$ROOT_PY_VERSION" ] \
+  || EXIT=2 die "build python $BUILD_PYTHON is $BUILD_PY_VERSION but $ROOT has python3 $ROOT_PY_VERSION; pass --build-python with a $ROOT_PY_VERSION interpreter"
+
+WORK=$(mktemp -d "$R/tmp/hostagent-bake.XXXXXX")
+trap 'rm -rf "$WORK"' EXIT
+say "building wheels of $REPO and its dependencies with $BUILD_PYTHON (python $BUILD_PY_VERSION)"
+# A copy without caches and VM images: pip builds from a temp copy of the tree anyway.
+mkdir "$WORK/src"
+tar -C "$REPO" --exclude=./.git --exclude=./.cache --exclude=./.venv --exclude='*.img' \
+  --exclude='*.qcow2' --exclude=__pycache__ --exclude='*.egg-info' --exclude=./build \
+  --exclude=./node_modules -cf - . | tar -C "$WORK/src" -xf -
+"$BUILD_PYTHON" -m pip wheel --quiet --wheel-dir "$WORK/wheels" "$WORK/src"
+
+say "venv $PREFIX with $ROOT's python3 $ROOT_PY_VERSION"
+IN_WORK=${WORK#"$R"}
+if ! in_root "$PREFIX/bin/python" -c 'import sys' >/dev/null 2>&1; then
+  rm -rf "$R$PREFIX"
+  in_root /usr/bin/python3 -m venv "$PREFIX"
+fi
+# --force-reinstall: a re-bake of the same version number still installs this checkout's code.
+in_root "$PREFIX/bin/python" -m pip install --quiet --no-index --find-links "$IN_WORK/wheels" \
+  --force-reinstall --disable-pip-version-check hostagent
+in_root "$PREFIX/bin/hostagent" --version
+
+say "command, units, cron file, config template"
+install -d -m 0755 "$R/usr/local/bin" "$R$UNIT_DIR/ecs.service.d" "$R/etc/cron.d" "$R/etc/hostagent"
+ln -sfn "$PREFIX/bin/hostagent" "$R/usr/local/bin/hostagent"
+for unit in hostagent-bootstrap.service hostagent.service hostagent-snapshot.service hostagent-snapshot.timer; do
+  install -m 0644 "$REPO/systemd/$unit" "$R$UNIT_DIR/$unit"
+done
+install -m 0644 "$REPO/systemd/ecs.service.d/10-hostagent.conf" "$R$UNIT_DIR/ecs.service.d/10-hostagent.conf"
+install -m 0644 "$REPO/cron/hostagent" "$R/etc/cron.d/hostagent"
+install -m 0644 "$REPO/packaging/hostagent.toml.example" "$R/etc/hostagent/hostagent.toml.example"
+[ ! -f "$REPO/README.md" ] || install -m 0644 "$REPO/README.md" "$R$PREFIX/README.md"
+
+say "enabling units (offline; nothing is started)"
+systemctl --root="$ROOT" enable hostagent-bootstrap.service hostagent.service >/dev/null
+if [ "$SCHEDULE" = timer ]; then
+  systemctl --root="$ROOT" enable hostagent-snapshot.timer >/dev/null
+else
+  systemctl --root="$ROOT" disable hostagent-snapshot.timer >/dev/null 2>&1 || true
+fi
+if [ "$ROOT" = / ] && [ -d /run/systemd/system ]; then
+  # A live host (an upgrade): load the new unit files and restart the agent if it runs, so it
+  # uses the new code. Bootstrap is not re-run here; it runs at boot or by hand.
+  systemctl daemon-reload
+  systemctl try-restart hostagent.service
+fi
+say "done: hostagent $(in_root "$PREFIX/bin/hostagent" --version | awk '{print $2}') in $ROOT$PREFIX; snapshots by $SCHEDULE"
