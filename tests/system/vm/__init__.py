@@ -1,0 +1,1 @@
+"""Helpers for the VM test: a cached Debian root, the baked image, the NoCloud seed and qemu."""
