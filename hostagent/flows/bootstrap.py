@@ -160,7 +160,7 @@ def phase_filesystem(b: Bootstrap) -> None:
         formatted_tag = b.volume.tags.get(FORMATTED_TAG)
     evidence = probe.gather_evidence(
         dev.path, size_bytes=dev.size_bytes, partitions=dev.partitions, holders=dev.holders,
-        serial_volume_id=dev.volume_id, expected_volume_id=b.volume_id,
+        serial_volume_id=identity_volume_id(b), expected_volume_id=b.volume_id,
         formatted_tag=formatted_tag)
     decision = probe.decide(evidence)
     intent = state.read_record(cfg.host.state_dir, state.FORMAT_INTENT)
@@ -200,6 +200,30 @@ def phase_filesystem(b: Bootstrap) -> None:
                    f"proven blank: {decision.reason}", run=do_format))
     if b.volume is not None:
         phase_tag_formatted(b, formatted_tag)
+
+
+def identity_volume_id(b: Bootstrap) -> str | None:
+    """Which volume the device positively is, for the blank proof.
+
+    Nitro: its NVMe serial says so. A disk with no serial at all (Xen `xvdf`, a loop device)
+    carries no identity of its own; it counts as the volume only on other positive evidence:
+    the operator named it in volume.device, or EC2 reports the volume attached to this instance
+    under the very name the kernel gave the disk (`/dev/sdf` arrives as `xvdf` on Xen).
+    """
+    from hostagent.adapters.blockdev import name_key
+
+    dev = b.device
+    if dev.volume_id or dev.serial:
+        return dev.volume_id
+    if b.volume_id is None:
+        return None
+    if b.config.volume.device:
+        return b.volume_id
+    here = getattr(b.identity, "instance_id", None)
+    for att in getattr(b.volume, "attachments", ()):
+        if att.instance_id == here and name_key(att.device) == name_key(dev.name):
+            return b.volume_id
+    return None
 
 
 def is_own_interrupted_format(intent, dev, evidence, decision) -> bool:
