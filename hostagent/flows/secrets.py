@@ -1,0 +1,166 @@
+"""`fetch-secrets`: [secrets] source (s3://bucket/key) → dest, atomically, mode 0600, never shown.
+
+The content is held in memory only as long as it takes to compare and write it; it is never
+logged, printed, or put into an error message (only its size is reported).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import secrets as _random
+import stat
+
+from hostagent.errors import ConfigError, OperationError
+from hostagent.report import Report
+
+log = logging.getLogger(__name__)
+
+MAX_BYTES = 4 * 1024 * 1024  # a secrets file, not a data set: refuse to fill /etc by mistake
+FILE_MODE = 0o600
+DIR_MODE = 0o700
+WRITTEN, UNCHANGED, MODE_FIXED = "written", "unchanged", "mode fixed"
+
+
+def parse_s3_url(url: str) -> tuple[str, str]:
+    if not url.startswith("s3://"):
+        raise ConfigError(f"secrets.source {url!r} must look like s3://bucket/key")
+    bucket, _, key = url[len("s3://"):].partition("/")
+    if not bucket or not key or key.endswith("/"):
+        raise ConfigError(f"secrets.source {url!r} must name an object: s3://bucket/key")
+    return bucket, key
+
+
+def download(s3, bucket: str, key: str) -> bytes:
+    from hostagent.aws.errors import AWSError, aws_call
+
+    where = f"s3://{bucket}/{key}"
+    try:
+        with aws_call("s3:GetObject", where=where):
+            answer = s3.get_object(Bucket=bucket, Key=key)
+            size = int(answer.get("ContentLength") or 0)
+            if size > MAX_BYTES:
+                raise OperationError(f"{where} is {size} bytes; a secrets file must be at most "
+                                     f"{MAX_BYTES} bytes")
+            body = answer["Body"].read(MAX_BYTES + 1)
+    except AWSError as exc:
+        if exc.code in ("NoSuchKey", "NoSuchBucket", "404", "HTTP 404"):
+            what = "bucket" if exc.code == "NoSuchBucket" else "object"
+            raise OperationError(f"secrets {what} not found: bucket {bucket!r}, key {key!r}",
+                                 where=where,
+                                 hint="check [secrets] source, and upload the file with "
+                                      f"`aws s3 cp FILE {where}`") from None
+        raise
+    if len(body) > MAX_BYTES:
+        raise OperationError(f"{where} is larger than {MAX_BYTES} bytes; not a secrets file")
+    return body
+
+
+def ensure_private_dir(path: str) -> list[str]:
+    """Create missing parents of dest with mode 0700 (exactly, whatever the umask)."""
+    made = []
+    missing = []
+    current = os.path.abspath(path)
+    while not os.path.isdir(current):
+        missing.append(current)
+        parent = os.path.dirname(current)
+        if parent == current:
+            break
+        current = parent
+    for directory in reversed(missing):
+        try:
+            os.mkdir(directory, DIR_MODE)
+        except FileExistsError:
+            if not os.path.isdir(directory):
+                raise OperationError(f"{directory} exists and is not a directory") from None
+            continue
+        os.chmod(directory, DIR_MODE)
+        made.append(directory)
+    return made
+
+
+def _read_existing(path: str) -> tuple[bytes | None, os.stat_result | None]:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return None, None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return None, None  # a symlink: the rename replaces the link itself
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OperationError(f"{path} exists and is not a regular file")
+        chunks = []
+        while chunk := os.read(fd, 1 << 16):
+            chunks.append(chunk)
+        return b"".join(chunks), st
+    finally:
+        os.close(fd)
+
+
+def write_secret(dest: str, data: bytes) -> str:
+    """Atomically make dest hold data with mode 0600: temp file (O_EXCL) + fsync + rename."""
+    parent = os.path.dirname(os.path.abspath(dest))
+    ensure_private_dir(parent)
+    existing, st = _read_existing(dest)
+    if existing == data and st is not None:
+        if stat.S_IMODE(st.st_mode) != FILE_MODE:
+            os.chmod(dest, FILE_MODE)
+            return MODE_FIXED
+        return UNCHANGED
+    tmp = os.path.join(parent, f".{os.path.basename(dest)}.{_random.token_hex(6)}.tmp")
+    # O_EXCL: never write into a file someone else prepared (a symlink or a world-readable one).
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW,
+                 FILE_MODE)
+    try:
+        try:
+            os.fchmod(fd, FILE_MODE)  # the umask can only have taken bits away; say it exactly
+            if st is not None and os.geteuid() == 0:
+                os.fchown(fd, st.st_uid, st.st_gid)  # whoever reads it today still can
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, dest)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    dir_fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(dir_fd)  # the rename itself survives a crash
+    finally:
+        os.close(dir_fd)
+    return WRITTEN
+
+
+def run(ctx, args, *, aws=None) -> Report:
+    from hostagent.flows.snapshot import make_aws
+    from hostagent.lock import host_lock
+
+    config = ctx.config
+    source, dest = config.secrets.source, config.secrets.dest
+    if not source:
+        raise ConfigError("secrets.source is not set: nothing to fetch", where=config.source,
+                          hint='[secrets] source = "s3://bucket/key"')
+    if not os.path.isabs(dest):
+        raise ConfigError(f"secrets.dest {dest!r} must be an absolute path", where=config.source)
+    bucket, key = parse_s3_url(source)
+    aws = make_aws(aws)
+    with host_lock(config.host.lock_file):
+        data = download(aws.s3, bucket, key)
+        status = write_secret(dest, data)
+        size = len(data)
+        del data
+    log.info("fetch-secrets: %s -> %s: %s (%d bytes)", source, dest, status, size)
+    item = {"source": source, "dest": dest, "status": status, "bytes": size,
+            "mode": f"{FILE_MODE:04o}"}
+    return Report(ok=True, key="secrets", items=[item],
+                  text=f"{dest}: {status} ({size} bytes from {source}, mode {FILE_MODE:04o})")
