@@ -58,7 +58,12 @@ class CommandError(OperationError):
         self.stdout = stdout
         self.stderr = stderr
         self.timed_out = timed_out
-        what = "timed out" if timed_out else f"exited {returncode}"
+        if timed_out:
+            what = "timed out"
+        elif returncode is not None and returncode < 0:
+            what = f"killed by signal {-returncode}"
+        else:
+            what = f"exited {returncode}"
         detail = (stderr or stdout or "").strip().splitlines()
         tail = f": {detail[-1]}" if detail else ""
         super().__init__(f"{' '.join(self.argv)} {what}{tail}", hint=hint)

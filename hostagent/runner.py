@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import threading
 from dataclasses import dataclass
 from typing import Iterable, Protocol, Sequence
 
@@ -62,21 +63,42 @@ def run(
         )
     ok = set(ok_codes)
     log.debug("run: %s", " ".join(argv))
+    proc = sh.Command(program)(
+        *argv[1:],
+        _bg=True,
+        _bg_exc=False,
+        _ok_code=list(range(256)),
+        _in=input,
+        _return_cmd=True,
+        _tty_out=False,
+        _decode_errors="replace",
+    )
+    # Our own timer instead of sh's `_timeout`: that one's watcher thread adds ~100 ms to
+    # every command, which would dominate a bootstrap that runs a dozen of them.
+    timed_out = threading.Event()
+
+    def kill() -> None:
+        timed_out.set()
+        proc.kill()
+
+    timer = threading.Timer(timeout, kill)
+    timer.daemon = True
+    timer.start()
     try:
-        proc = sh.Command(program)(
-            *argv[1:],
-            _ok_code=list(range(256)),
-            _timeout=timeout,
-            _in=input,
-            _return_cmd=True,
-            _tty_out=False,
-            _decode_errors="replace",
-        )
-    except sh.TimeoutException as exc:
-        raise CommandError(argv, None, timed_out=True) from exc
-    stdout = proc.stdout.decode(errors="replace") if isinstance(proc.stdout, bytes) else proc.stdout
-    stderr = proc.stderr.decode(errors="replace") if isinstance(proc.stderr, bytes) else proc.stderr
+        proc.wait()
+    except sh.SignalException:
+        if not timed_out.is_set():
+            raise CommandError(argv, proc.exit_code, _text(proc.stdout), _text(proc.stderr)) from None
+    finally:
+        timer.cancel()
+    stdout, stderr = _text(proc.stdout), _text(proc.stderr)
+    if timed_out.is_set():
+        raise CommandError(argv, None, stdout, stderr, timed_out=True)
     result = Completed(tuple(argv), proc.exit_code, stdout, stderr)
     if result.returncode not in ok:
         raise CommandError(argv, result.returncode, stdout, stderr)
     return result
+
+
+def _text(data) -> str:
+    return data.decode(errors="replace") if isinstance(data, bytes) else (data or "")
