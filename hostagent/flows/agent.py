@@ -23,9 +23,10 @@ MOUNTINFO = "/proc/self/mountinfo"
 # While the ECS agent has not registered yet, look again this often (a GET on loopback), so the
 # attribute lands seconds after registration rather than a whole interval later.
 INTROSPECTION_RETRY = 5.0
-# A mount table change (umount, a lost device) triggers a round at once, but at most this often:
-# every container start adds overlay mounts, and those must not turn into a busy loop.
-MOUNT_EVENT_MIN_GAP = 1.0
+# A change of our own mount (umount, remount ro, another device) triggers a round at once; other
+# mount table changes (every container start adds overlay, shm and netns mounts) cost one parse of
+# mountinfo and nothing more. Rounds triggered that way are still at least this far apart.
+MOUNT_EVENT_MIN_GAP = 0.2
 COUCHDB_PROBE_TIMEOUT = 3.0
 AWS_CALL_TIMEOUT = 120.0
 AWS_RETRY_MAX = 300.0  # failed AWS calls back off from one interval up to this
@@ -73,6 +74,19 @@ def disk_used_percent(mount_point: str) -> float | None:
     if st.f_blocks == 0:
         return None
     return round(100.0 * (st.f_blocks - st.f_bavail) / st.f_blocks, 1)
+
+
+def mount_signature(mount_point: str):
+    """What identifies the mount at mount_point: device, fs type, ro/rw — or None when unmounted."""
+    from hostagent.adapters.mounts import mount_at, read_mountinfo
+
+    try:
+        entry = mount_at(mount_point, read_mountinfo())
+    except OSError:
+        return ("unreadable",)
+    if entry is None:
+        return None
+    return (entry.major_minor, entry.fstype, entry.source, entry.read_only)
 
 
 def find_volume_id(config) -> str | None:
@@ -224,6 +238,7 @@ class Agent:
         self.session = None
         self.last: RoundResult | None = None
         self.last_round_at = -1e9
+        self.mount_seen = ("not read yet",)
         self.ready_sent = False
         # ECS
         self.ecs_enabled = bool(config.ecs.introspection_url)
@@ -324,6 +339,7 @@ class Agent:
         return hours_since(self.snapshot_newest.get("start_time"), now or datetime.now(timezone.utc))
 
     def do_round(self) -> RoundResult:
+        self.mount_seen = mount_signature(self.config.filesystem.mount_point)
         result = self.check_round()
         for line in round_events(self.last, result):
             log.info("%s", line)
@@ -560,12 +576,15 @@ class Agent:
                     timeout = min(timeout, self.last_ping + self.watchdog_every - self.clock())
                 if self.ecs_enabled and self.instance is None:
                     timeout = min(timeout, self.next_introspection - self.clock())
-                if self.wait(timeout, poller):
+                if self.wait(timeout, poller) and self.our_mount_changed():
                     next_round = min(next_round, max(self.clock(),
                                                      self.last_round_at + MOUNT_EVENT_MIN_GAP))
         finally:
             if mountinfo_fd is not None:
                 os.close(mountinfo_fd)
+
+    def our_mount_changed(self) -> bool:
+        return mount_signature(self.config.filesystem.mount_point) != self.mount_seen
 
     def _make_poller(self):
         poller = select.poll()
