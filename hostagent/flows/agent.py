@@ -601,13 +601,21 @@ class Agent:
 
     def run_once(self) -> RoundResult:
         """One synchronous round with its ECS/snapshot/metrics reporting, for --once."""
+        import dataclasses
+
         result = self.do_round()
         self.snapshot_next = 0.0
-        if self.metrics_next is not None:
+        first = {name: part for name, part in (("ecs", self.ecs_request()),
+                                                ("snapshots", self.snapshots_request())) if part}
+        if first:
+            self.apply_aws_answer(first, self.aws.run_now(first))
+        if self.metrics_next is not None and self.samples:
+            # The snapshot age arrived after the round's sample was taken: fill it in.
+            self.samples[-1] = dataclasses.replace(self.samples[-1],
+                                                   snapshot_age_hours=self.snapshot_age(result.wall))
             self.metrics_next = 0.0
-        request = self.aws_request()
-        if request:
-            self.apply_aws_answer(request, self.aws.run_now(request))
+            part = self.metrics_request()
+            self.apply_aws_answer({"metrics": part}, self.aws.run_now({"metrics": part}))
         return result
 
 
@@ -643,6 +651,9 @@ def once_report(agent: Agent, result: RoundResult) -> Report:
         "ecs": {"state": ecs, "detail": ecs_detail if agent.ecs_enabled else None,
                 "attributes": agent.reported, "put": agent.last_put},
         "snapshot": None if not agent.snapshot_newest else {**agent.snapshot_newest, "age_hours": age},
+        "snapshot_error": agent.snapshot_error,
+        "metrics": None if not agent.config.metrics.enabled else
+        {"sent": agent.metrics_error is None and not agent.samples, "error": agent.metrics_error},
     }
     return Report(ok=ok, key="checks", items=items, text=text,
                   exit_code=EXIT_OK if ok else EXIT_FAILED, extra=extra)

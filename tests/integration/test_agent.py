@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from datetime import datetime, timezone
 
 import pytest
 
@@ -290,3 +291,86 @@ def test_ecs_attributes_against_moto(aws):
     assert len(ea.current_attributes(ecs, "gc", arn, "hostagent")) == 15
     # ECS built-ins and other prefixes are not ours.
     assert not any(k.startswith("ecs.") for k in ea.current_attributes(ecs, "gc", arn, "hostagent"))
+
+
+def make_snapshot(volume_id: str) -> str:
+    import boto3
+
+    from hostagent.aws.snapshots import snapshot_tags, tag_specifications
+
+    tags = snapshot_tags(volume_id, {}, "frozen", datetime.now(timezone.utc))
+    return boto3.client("ec2").create_snapshot(
+        VolumeId=volume_id, TagSpecifications=tag_specifications("snapshot", tags))["SnapshotId"]
+
+
+def test_aws_worker_child_process_against_moto(aws, imds):
+    """The agent's AWS calls run in a child python (boto3 never enters the agent): ECS sync+put,
+    the newest snapshot of this volume, and CloudWatch metrics, each answering on its own."""
+    import boto3
+
+    from hostagent.flows.agent import call_aws_worker
+    from hostagent.metrics import Sample
+
+    imds(instance_id="i-0123456789abcdef0")
+    arn = register_instance()
+    ec2 = boto3.client("ec2")
+    vol = ec2.create_volume(AvailabilityZone="us-east-1a", Size=1)["VolumeId"]
+    assert call_aws_worker({"snapshots": {"volume_id": vol}})["snapshots"] == \
+        {"ok": True, "count": 0, "pending": 0, "newest": None}
+    snap = make_snapshot(vol)
+    other = ec2.create_volume(AvailabilityZone="us-east-1a", Size=1)["VolumeId"]
+    make_snapshot(other)  # another volume's snapshot is never "ours"
+    now = datetime.now(timezone.utc)
+    answer = call_aws_worker({
+        "ecs": {"cluster": "gc", "arn": arn, "prefix": "hostagent", "sync": True,
+                "attributes": {"hostagent.persistence": "ready", "hostagent.couchdb": "down"}},
+        "snapshots": {"volume_id": vol},
+        "metrics": {"namespace": "hostagent-test", "volume_id": None,
+                    "samples": [Sample(now, 42.5, 1.5, True).to_json(),
+                                Sample(now, 43.0, None, False).to_json()]},
+    })
+    assert answer["ecs"] == {"ok": True, "put": {"hostagent.persistence": "ready",
+                                                 "hostagent.couchdb": "down"}, "current": {}}
+    assert answer["snapshots"]["ok"] and answer["snapshots"]["newest"]["id"] == snap
+    assert answer["snapshots"]["count"] == 1
+    assert answer["metrics"] == {"ok": True, "sent": 5}  # None values are not sent
+    metrics = boto3.client("cloudwatch").list_metrics(Namespace="hostagent-test")["Metrics"]
+    assert {m["MetricName"] for m in metrics} == {"DiskUsedPercent", "SnapshotAgeHours", "CouchDBUp"}
+    assert all(m["Dimensions"] == [{"Name": "InstanceId", "Value": "i-0123456789abcdef0"}]
+               for m in metrics)
+    # One failing part does not hide the others.
+    answer = call_aws_worker({"ecs": {"cluster": "nope", "arn": arn, "prefix": "hostagent",
+                                      "sync": True, "attributes": {"hostagent.persistence": "ready"}},
+                              "snapshots": {"volume_id": vol}})
+    assert answer["ecs"]["ok"] is False and "ecs:" in answer["ecs"]["error"]
+    assert answer["snapshots"]["ok"] is True
+
+
+def test_agent_once_with_volume_id_reports_snapshot_age_and_metrics(
+        tmp_path, loop_device, host_paths, aws, introspection, imds, pouchdb):
+    import boto3
+
+    from hostagent.state import VOLUME_RECORD, write_record
+
+    imds()
+    dev = loop_device("64M")
+    prepare_mounted_volume(dev, host_paths)
+    vol = boto3.client("ec2").create_volume(AvailabilityZone="us-east-1a", Size=1)["VolumeId"]
+    snap = make_snapshot(vol)
+    # What bootstrap records; with volume.device set the mount checks still use the device.
+    write_record(host_paths["state_dir"], VOLUME_RECORD, {"volume_id": vol, "device": dev})
+    arn = register_instance()
+    introspection.register(arn)
+    cfg = write_config(tmp_path, dev, host_paths, pouchdb.url, introspection.url)
+    with open(cfg, "a") as f:
+        f.write('[metrics]\nenabled = true\nnamespace = "hostagent-once"\n')
+    done = subprocess.run([sys.executable, "-m", "hostagent", "--config", cfg, "--json", "agent",
+                           "--once"], cwd=REPO, text=True, capture_output=True, timeout=60)
+    out = json.loads(done.stdout)
+    assert done.returncode == 0, done.stderr
+    assert out["snapshot"]["id"] == snap and 0 <= out["snapshot"]["age_hours"] < 0.1
+    assert ecs_attributes(arn) == {"hostagent.persistence": "ready", "hostagent.volume-id": vol,
+                                   "hostagent.couchdb": "up"}
+    metrics = boto3.client("cloudwatch").list_metrics(Namespace="hostagent-once")["Metrics"]
+    assert {m["MetricName"] for m in metrics} == {"DiskUsedPercent", "CouchDBUp", "SnapshotAgeHours"}
+    assert all(m["Dimensions"] == [{"Name": "VolumeId", "Value": vol}] for m in metrics)

@@ -201,3 +201,86 @@ def test_ecs_task_volumes_needs_the_layout_dirs(tmp_path, capsys):
     cfg = write(tmp_path, '[volume]\ndevice = "/dev/loop9"\n[layout]\ndirectories = ["data"]\n')
     assert main(["--config", cfg, "ecs-task-volumes"]) == 2
     assert "etc/local.d" in capsys.readouterr().err
+
+
+def make_agent(calls, answers):
+    """An Agent whose AWS child is replaced by a recorder: the state machine is what is tested."""
+    from hostagent.adapters.ecs_agent import ContainerInstance
+    from hostagent.config import parse_config
+    from hostagent.sdnotify import Notifier
+
+    clock = FakeClock()
+
+    def aws_call(request):
+        calls.append(request)
+        return answers.pop(0)
+
+    cfg = parse_config({"volume": {"device": "/dev/loop9"}, "agent": {"interval": 30}})
+    a = agent.Agent(cfg, notifier=Notifier(None), clock=clock, aws_call=aws_call)
+    a.instance = ContainerInstance("gc", ARN)
+    return a, clock
+
+
+class FakeClock:
+    def __init__(self):
+        self.t = 1000.0
+
+    def __call__(self):
+        return self.t
+
+
+def test_agent_syncs_first_then_puts_only_changes():
+    calls = []
+    answers = [{"ecs": {"ok": True, "put": {"hostagent.couchdb": "up"},
+                        "current": {"hostagent.persistence": "ready"}}},
+               {"ecs": {"ok": True, "put": {"hostagent.persistence": "missing"}, "current": None}}]
+    a, clock = make_agent(calls, answers)
+    a.last = round_result()
+    a.last.volume_id = None
+    first = a.aws_request()
+    assert first["ecs"]["sync"] is True
+    assert first["ecs"]["attributes"] == {"hostagent.persistence": "ready", "hostagent.couchdb": "up"}
+    a.apply_aws_answer(first, a.aws.run_now(first))
+    assert a.reported == {"hostagent.persistence": "ready", "hostagent.couchdb": "up"}
+    assert a.aws_request() == {}  # nothing changed: nothing sent
+    assert a.ecs_text() == "reported"
+    a.last = round_result("missing", checks=[Check("mounted", False, "gone")])
+    a.last.volume_id = None
+    second = a.aws_request()
+    assert second["ecs"] == {"cluster": "gc", "arn": ARN, "prefix": "hostagent",
+                             "attributes": {"hostagent.persistence": "missing"}, "sync": False}
+    a.apply_aws_answer(second, a.aws.run_now(second))
+    assert a.reported["hostagent.persistence"] == "missing" and a.aws_request() == {}
+
+
+def test_agent_backs_off_after_a_failed_put_and_logs_it_once(caplog):
+    answers = [{"ecs": {"ok": False, "error": "not allowed to call ecs:PutAttributes"}}] * 3
+    a, clock = make_agent([], list(answers))
+    a.last = round_result()
+    a.last.volume_id = None
+    with caplog.at_level("INFO", logger="hostagent.agent"):
+        req = a.aws_request()
+        a.apply_aws_answer(req, a.aws.run_now(req))  # failure 1: retry after one interval
+        assert a.aws_request() == {}
+        clock.t += 30
+        req = a.aws_request()
+        a.apply_aws_answer(req, a.aws.run_now(req))  # failure 2: retry after two intervals
+        clock.t += 59
+        assert a.aws_request() == {}
+        clock.t += 1
+        assert "ecs" in a.aws_request()
+    assert sum("reporting failed" in r.message for r in caplog.records) == 1  # said once
+    assert a.ecs_failures == 2 and a.ecs_text() == "error"
+
+
+def test_backoff_is_capped():
+    a, _ = make_agent([], [])
+    assert [a.backoff(n) for n in (1, 2, 3, 4, 5, 6)] == [30, 60, 120, 240, 300, 300]
+
+
+def test_no_ecs_request_before_a_round_or_without_an_instance():
+    a, _ = make_agent([], [])
+    assert a.ecs_request() is None  # no round yet: nothing is known, nothing is said
+    a.last = round_result()
+    a.instance = None
+    assert a.ecs_request() is None
