@@ -34,6 +34,10 @@ METRICS_FLUSH_EVERY = 300.0  # seconds; samples are buffered with their own time
 METRICS_BUFFER_MAX = 500  # oldest samples dropped beyond this while CloudWatch is unreachable
 SNAPSHOT_REFRESH_EVERY = 1800.0  # the newest snapshot changes daily; age is computed locally
 SNAPSHOT_STALE_HOURS = 26.0  # a daily cron plus slack; older than this is worth a warning
+# The security posture (admin party, port exposure) changes when CouchDB (re)starts, not between
+# rounds: look on the first round, whenever CouchDB's state changes, and at least this often —
+# each look is 1-3 requests that CouchDB writes to its log.
+POSTURE_EVERY = 300.0
 STOP_GRACE = 0.7  # seconds to let a round finish after SIGTERM; the 1 s exit budget holds
 
 
@@ -64,6 +68,9 @@ def decide_persistence(checks) -> str:
 
 def couchdb_attribute(readiness) -> str:
     return "up" if readiness.ready else readiness.state
+
+
+COUCHDB_OFF = "off"  # couchdb.url = "": this host runs no CouchDB checks
 
 
 def disk_used_percent(mount_point: str) -> float | None:
@@ -238,6 +245,7 @@ class Agent:
         self.session = None
         self.last: RoundResult | None = None
         self.last_round_at = -1e9
+        self.posture_at = -1e9
         self.mount_seen = ("not read yet",)
         self.ready_sent = False
         # ECS
@@ -310,28 +318,38 @@ class Agent:
         persistence = decide_persistence(checks)
         mp = cfg.filesystem.mount_point
         used = disk_used_percent(mp) if persistence != "missing" else None
-        problem = couchdb.resolve_problem(cfg.couchdb.url)
-        if problem:
+        problem = couchdb.resolve_problem(cfg.couchdb.url) if cfg.couchdb.url else None
+        if not cfg.couchdb.url:
+            readiness = couchdb.Readiness(False, COUCHDB_OFF, "couchdb.url is not set")
+        elif problem:
             readiness = couchdb.Readiness(False, "unresolved", problem[0] +
                                           (f"; {problem[1]}" if problem[1] else ""))
         else:
             readiness = couchdb.probe_readiness(cfg.couchdb.url, session=self._session(),
                                                 timeout=COUCHDB_PROBE_TIMEOUT)
         self.ping_watchdog()
-        posture = []
-        if readiness.answered:
-            posture.append(couchdb.probe_admin_party(cfg.couchdb.url, session=self._session(),
-                                                     timeout=COUCHDB_PROBE_TIMEOUT))
-        posture.append(couchdb.exposure_check(cfg.couchdb.url))
+        prev = self.last
+        if (prev is None or prev.couchdb.state != readiness.state
+                or self.clock() - self.posture_at >= POSTURE_EVERY):
+            posture = []
+            if readiness.answered and readiness.state != COUCHDB_OFF:
+                posture.append(couchdb.probe_admin_party(cfg.couchdb.url, session=self._session(),
+                                                         timeout=COUCHDB_PROBE_TIMEOUT))
+            if cfg.couchdb.url:
+                posture.append(couchdb.exposure_check(cfg.couchdb.url))
+            self.posture_at = self.clock()
+        else:
+            posture = prev.posture
         return RoundResult(datetime.now(timezone.utc), checks, persistence, find_volume_id(cfg),
                            used, readiness, posture)
 
     def desired_attributes(self, result: RoundResult) -> dict[str, str]:
         from hostagent.aws.ecs_attributes import desired_attributes
 
+        couch = couchdb_attribute(result.couchdb)
         return desired_attributes(self.prefix, persistence=result.persistence,
                                   volume_id=result.volume_id,
-                                  couchdb=couchdb_attribute(result.couchdb))
+                                  couchdb=None if couch == COUCHDB_OFF else couch)
 
     def snapshot_age(self, now: datetime | None = None) -> float | None:
         if not self.snapshot_newest:

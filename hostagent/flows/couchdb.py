@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from hostagent.errors import EXIT_FAILED, EXIT_OK, CheckFailed, UsageError
+from hostagent.errors import EXIT_FAILED, EXIT_OK, CheckFailed, ConfigError, UsageError
 from hostagent.report import Report, render_table
 
 
@@ -17,6 +17,13 @@ def _timeout(args, default: float) -> float:
     return float(value)
 
 
+def _url(config) -> str:
+    if not config.couchdb.url:
+        raise ConfigError("couchdb.url is not set", where=config.source,
+                          hint='set [couchdb] url = "http://localhost.localdomain:5984"')
+    return config.couchdb.url
+
+
 def _say(readiness) -> None:
     # Progress goes to stderr, one line per change of state, so --json stdout stays one object.
     print(f"hostagent: couchdb: {readiness.reason}", file=sys.stderr, flush=True)
@@ -26,7 +33,7 @@ def run_wait(ctx, args) -> Report:
     from hostagent.adapters import couchdb
 
     config = ctx.config
-    url = config.couchdb.url
+    url = _url(config)
     shown = couchdb.redact_url(url)
     timeout = _timeout(args, config.couchdb.timeout)
     problem = couchdb.resolve_problem(url)
@@ -57,7 +64,7 @@ def run_check(ctx, args) -> Report:
     from hostagent.adapters import couchdb
 
     config = ctx.config
-    url = config.couchdb.url
+    url = _url(config)
     shown = couchdb.redact_url(url)
     timeout = _timeout(args, 0)
     problem = couchdb.resolve_problem(url)

@@ -18,7 +18,7 @@ import pytest
 
 from tests.support.ecs_introspection import IntrospectionServer
 from tests.support.hosttools import need_tool, sh
-from tests.support.pouchdb import pouchdb  # noqa: F401
+from tests.support.pouchdb import pouchdb  # noqa: F401 (fixture)
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RSS_LIMIT_MB = 45.0

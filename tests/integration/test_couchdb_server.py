@@ -16,7 +16,7 @@ import requests
 
 from hostagent.adapters import couchdb
 from tests.support.couch_up_server import CouchUpServer
-from tests.support.pouchdb import PouchDBServer, free_port, pouchdb, pouchdb_factory  # noqa: F401
+from tests.support.pouchdb import free_port, pouchdb, pouchdb_factory  # noqa: F401 (fixtures)
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -206,3 +206,22 @@ def test_describe_request_error_refused_and_timeout():
     assert c.describe_request_error(info.value, 1).reason == "connection refused"
     r = c.describe_request_error(requests.exceptions.ReadTimeout("read timed out"), 2.0)
     assert r.reason == "timed out after 2.0s" and r.state == "down"
+
+
+def test_wait_and_check_need_a_url(tmp_path, capsys):
+    from hostagent.cli import main
+
+    cfg = tmp_path / "hostagent.toml"
+    cfg.write_text('[volume]\ndevice = "/dev/loop9"\n[couchdb]\nurl = ""\n')
+    for command in ("wait-couchdb", "check-couchdb"):
+        assert main(["--config", str(cfg), command]) == 2
+        assert "couchdb.url is not set" in capsys.readouterr().err
+
+
+def test_negative_timeout_is_bad_usage(tmp_path, capsys):
+    from hostagent.cli import main
+
+    cfg = tmp_path / "hostagent.toml"
+    cfg.write_text('[volume]\ndevice = "/dev/loop9"\n')
+    assert main(["--config", str(cfg), "wait-couchdb", "--timeout", "-1"]) == 2
+    assert "--timeout must be zero or more" in capsys.readouterr().err
