@@ -89,9 +89,10 @@ def build_parser() -> ArgumentParser:
     cmds["snapshot"].add_argument("--no-prune", action="store_true",
                                   help="do not apply retention afterwards")
     cmds["restore"].add_argument("snapshot_id", metavar="SNAPSHOT_ID", help="snap-…")
-    for name in ("wait-couchdb", "check-couchdb"):
-        cmds[name].add_argument("--timeout", type=float, metavar="S", default=None,
-                                help="seconds to wait (default: couchdb.timeout)")
+    cmds["wait-couchdb"].add_argument("--timeout", type=float, metavar="S", default=None,
+                                      help="seconds to wait (default: couchdb.timeout)")
+    cmds["check-couchdb"].add_argument("--timeout", type=float, metavar="S", default=None,
+                                       help="seconds to wait for readiness (default: 0, look once)")
     cmds["agent"].add_argument("--once", action="store_true",
                                help="run the checks and report once, then exit")
     return parser
