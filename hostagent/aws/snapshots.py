@@ -12,7 +12,7 @@ from datetime import datetime, timezone
 from types import MappingProxyType
 from typing import Callable, Iterable, Mapping
 
-from hostagent.aws.errors import AWSError, aws_call, error_code
+from hostagent.aws.errors import AWSError, aws_call
 from hostagent.retention import SnapshotRecord
 
 log = logging.getLogger(__name__)
@@ -241,7 +241,3 @@ def copy_snapshot(ec2_dest, *, source_region: str, record: SnapshotRecord,
 def copied_sources(records: Iterable[SnapshotRecord]) -> set[str]:
     """Source snapshot ids that already have a copy among these (destination-region) records."""
     return {r.tags[SOURCE_SNAPSHOT_KEY] for r in records if SOURCE_SNAPSHOT_KEY in r.tags}
-
-
-def error_is(exc: BaseException, *codes: str) -> bool:
-    return error_code(exc) in codes

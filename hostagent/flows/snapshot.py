@@ -263,7 +263,10 @@ def run_snapshot(ctx, args, *, aws=None, now: Callable[[], datetime] | None = No
         if getattr(args, "wait", False):
             steps.append(Step("wait", f"poll DescribeSnapshots until completed (at most "
                                       f"{WAIT_TIMEOUT / 3600:.0f} h)", "--wait", run=wait))
-        if config.snapshot.copy_to_region:
+        dest = config.snapshot.copy_to_region
+        if dest and dest == aws.ec2.meta.region_name:
+            log.warning("snapshot.copy_to_region is this region (%s): nothing to copy", dest)
+        elif dest:
             steps.append(Step("copy", f"CopySnapshot to {config.snapshot.copy_to_region}",
                               "snapshot.copy_to_region: completed snapshots it lacks", run=copy))
         if not getattr(args, "no_prune", False):
@@ -284,7 +287,9 @@ def run_snapshot(ctx, args, *, aws=None, now: Callable[[], datetime] | None = No
             steps[-1].detail = "now: " + "; ".join(o.summary(True) for o in outcomes)
 
     report = Report(ok=error is None, key="steps", items=[s.as_dict() for s in steps],
-                    text=render_steps(steps), extra={"snapshot_id": state.get("snapshot_id")})
+                    text=render_steps(steps),
+                    extra={"snapshot_id": state.get("snapshot_id"),
+                           "deleted": state.get("deleted", []), "copies": state.get("copies", [])})
     if error is not None:
         report.extra["error"] = str(error)
         report.text += f"\nhostagent: error: {error}"

@@ -8,7 +8,6 @@ AWS is the moto server; for the CLI kill tests a small proxy in front of it hold
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess

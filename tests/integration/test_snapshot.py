@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import time
+from datetime import datetime, timezone
 
 import pytest
 
@@ -17,7 +18,7 @@ from hostagent.aws.clients import AWS
 from hostagent.aws.errors import AWSError
 from hostagent.aws.snapshots import snapshot_tags
 from hostagent.cli import main
-from hostagent.flows.snapshot import run_list, run_prune, run_snapshot
+from hostagent.flows.snapshot import run_prune, run_snapshot
 from tests.support.cloud import args, context, error_response, make_cloud
 from tests.support.moto_paging import paginated_snapshots
 
@@ -54,8 +55,7 @@ def make_foreign_snapshots(cloud):
     dlm = ec2.create_snapshot(VolumeId=cloud.volume_id, TagSpecifications=[
         {"ResourceType": "snapshot", "Tags": [{"Key": "dlm:managed", "Value": "true"}]}])
     other = ec2.create_volume(AvailabilityZone="us-east-1a", Size=1)["VolumeId"]
-    tags = snapshot_tags(other, {"Name": "other"}, "crash", __import__("datetime").datetime.now(
-        __import__("datetime").timezone.utc))
+    tags = snapshot_tags(other, {"Name": "other"}, "crash", datetime.now(timezone.utc))
     other_snap = ec2.create_snapshot(VolumeId=other, TagSpecifications=[
         {"ResourceType": "snapshot", "Tags": [{"Key": k, "Value": v} for k, v in tags.items()]}])
     return {by_hand["SnapshotId"], dlm["SnapshotId"], other_snap["SnapshotId"]}
@@ -144,9 +144,7 @@ def test_prune_dry_run_lists_what_would_go_and_deletes_nothing(cloud, capsys):
 
 
 def seed_our_snapshots(cloud, n):
-    """n snapshots carrying our tags, one second apart in name (moto sets StartTime itself)."""
-    from datetime import datetime, timezone
-
+    """n snapshots carrying our tags (moto sets StartTime itself, to the second)."""
     ids = []
     for _ in range(n):
         tags = snapshot_tags(cloud.volume_id, cloud.volume_tags, "crash", datetime.now(timezone.utc))
@@ -206,8 +204,7 @@ def test_snapshot_in_use_by_an_ami_is_skipped_with_a_warning(cloud, caplog):
                 if "Auto-created snapshot for AMI" in s.get("Description", ""))
     time.sleep(TICK)
     ours = snapshot_tags(cloud.volume_id, cloud.volume_tags, "crash",
-                         __import__("datetime").datetime(2020, 1, 1, tzinfo=__import__(
-                             "datetime").timezone.utc))
+                         datetime(2020, 1, 1, tzinfo=timezone.utc))
     ec2.create_tags(Resources=[held], Tags=[{"Key": k, "Value": v} for k, v in ours.items()])
     time.sleep(TICK)
     newest = seed_our_snapshots(cloud, 1)
