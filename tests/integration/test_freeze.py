@@ -321,3 +321,17 @@ def test_watchdog_thaws_at_once_on_sigterm(ext4):
         os.close(w)
         proc.kill()
         proc.wait()
+
+
+def test_no_fsfreeze_on_the_host_is_an_error_not_a_silent_unfrozen_snapshot(monkeypatch,
+                                                                             tmp_path):
+    """`which` is replaced by a stand-in: the runner also looks in sbin dirs, so PATH can't hide it."""
+    import hostagent.freeze as freeze_module
+    from hostagent.errors import OperationError
+
+    monkeypatch.setattr(freeze_module, "which", lambda name: None)
+    with pytest.raises(OperationError) as info:
+        with freeze_module.frozen(str(tmp_path), timeout=5):
+            pytest.fail("must not get here")
+    assert info.value.exit_code == 1
+    assert "fsfreeze not found" in str(info.value) and "freeze = false" in info.value.hint

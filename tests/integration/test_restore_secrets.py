@@ -249,3 +249,32 @@ def test_missing_object_is_exit_1_naming_bucket_and_key(cloud, bucket, capsys, s
 def test_no_source_configured_is_exit_2(cloud, capsys):
     assert fetch(cloud.config()) == 2
     assert "secrets.source is not set" in capsys.readouterr().err
+
+
+def test_plan_keeps_type_iops_throughput_and_encryption_of_the_old_volume():
+    """plan_restore is pure: plain DescribeSnapshots/DescribeVolumes dicts in, a plan out."""
+    from datetime import datetime, timezone
+
+    from hostagent.flows.restore import plan_restore
+
+    snapshot = {"SnapshotId": "snap-0123456789abcdef0", "VolumeSize": 8, "Encrypted": False,
+                "Tags": [{"Key": "Name", "Value": "couch-data-20240101T000000Z"},
+                         {"Key": "hostagent:managed", "Value": "true"}]}
+    old = {"VolumeId": "vol-0aaaaaaaaaaaaaaaa", "AvailabilityZone": "us-east-1b", "Size": 20,
+           "VolumeType": "gp3", "Iops": 6000, "Throughput": 250, "Encrypted": True,
+           "KmsKeyId": "arn:aws:kms:us-east-1:123456789012:key/abc",
+           "Tags": [{"Key": "Name", "Value": "couch-data"}, {"Key": "app", "Value": "gc"},
+                    {"Key": "aws:cloudformation:stack-name", "Value": "x"}]}
+    plan = plan_restore(snapshot, availability_zone="us-east-1a", old_volumes=[old],
+                        restored_volumes=[], search_tags={"Name": "couch-data", "app": "gc"},
+                        now=datetime(2024, 5, 6, 7, 8, 9, tzinfo=timezone.utc))
+    assert plan.create_args == {
+        "SnapshotId": "snap-0123456789abcdef0", "AvailabilityZone": "us-east-1a",
+        "VolumeType": "gp3", "Size": 20, "Iops": 6000, "Throughput": 250, "Encrypted": True,
+        "KmsKeyId": "arn:aws:kms:us-east-1:123456789012:key/abc"}
+    assert plan.new_tags["Name"] == "couch-data" and plan.new_tags["app"] == "gc"
+    assert not any(k.startswith("aws:") for k in plan.new_tags)
+    [retag] = plan.retags
+    assert retag.set_tags["Name"] == "couch-data-replaced-20240506"
+    assert retag.set_tags["hostagent:replaced:app"] == "gc"
+    assert retag.delete_tags == {"app": "gc"}
