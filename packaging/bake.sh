@@ -2,7 +2,8 @@
 # Install hostagent into a root filesystem: this host (--root /, the default) or an image being
 # built (a Packer chroot, a debootstrap directory). One command, safe to run again (upgrade).
 #
-#   packaging/bake.sh [--root DIR] [--snapshot-schedule timer|cron] [--build-python PYTHON]
+#   packaging/bake.sh [--root DIR] [--snapshot-schedule timer|cron] [--python PATH]
+#                     [--build-python PYTHON]
 #
 # What it installs into DIR:
 #   /opt/hostagent                    venv made by DIR's own python3, with hostagent and its deps
@@ -15,18 +16,21 @@
 # Packer build instance never attaches or formats anything. The real config,
 # /etc/hostagent/hostagent.toml, comes from the instance's user-data at first boot.
 #
-# Python packages: a wheel of this checkout plus its dependencies are built on the build host
-# with --build-python's pip, which uses the machine's own pip configuration (index, mirrors,
-# constraints); the venv inside DIR then installs them offline (--no-index). The build python
-# must have the same major.minor version as DIR's python3, so the wheels fit.
+# Python: the venv is made by --python, a path inside DIR (default /usr/bin/python3; hostagent
+# needs 3.11 or newer, e.g. /usr/bin/python3.11 on Amazon Linux 2023). A wheel of this checkout
+# plus its dependencies are built on the build host with --build-python's pip, which uses the
+# machine's own pip configuration (index, mirrors, constraints); the venv inside DIR then
+# installs them offline (--no-index). The build python must have the same major.minor version
+# as the venv's, so the wheels fit (on --root /, both default to /usr/bin/python3).
 set -euo pipefail
 
 ROOT=/
 SCHEDULE=timer
 BUILD_PYTHON=
+ROOT_PYTHON=/usr/bin/python3
 usage() {
-  sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//' >&2
-  exit 2
+  sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//' >&2
+  exit "${1:-2}"
 }
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -34,9 +38,11 @@ while [ $# -gt 0 ]; do
     --root=*) ROOT=${1#*=}; shift ;;
     --snapshot-schedule) SCHEDULE=${2:?}; shift 2 ;;
     --snapshot-schedule=*) SCHEDULE=${1#*=}; shift ;;
+    --python) ROOT_PYTHON=${2:?}; shift 2 ;;
+    --python=*) ROOT_PYTHON=${1#*=}; shift ;;
     --build-python) BUILD_PYTHON=${2:?}; shift 2 ;;
     --build-python=*) BUILD_PYTHON=${1#*=}; shift ;;
-    -h|--help) usage ;;
+    -h|--help) usage 0 ;;
     *) echo "bake: error: unknown argument $1" >&2; usage ;;
   esac
 done
@@ -67,13 +73,15 @@ in_root() {
   fi
 }
 
-[ -x "$R/usr/bin/python3" ] || EXIT=2 die "$ROOT has no /usr/bin/python3 (install python3 and python3-venv in the image first)"
-ROOT_PY_VERSION=$(in_root /usr/bin/python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])')
-in_root /usr/bin/python3 -c 'import ensurepip, venv' 2>/dev/null \
-  || EXIT=2 die "python3 in $ROOT cannot make a venv (install python3-venv in the image first)"
+[ -x "$R$ROOT_PYTHON" ] || EXIT=2 die "$ROOT has no $ROOT_PYTHON (install python3 and python3-venv in the image first, or pass --python)"
+ROOT_PY_VERSION=$(in_root "$ROOT_PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+in_root "$ROOT_PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+  || EXIT=2 die "$ROOT_PYTHON in $ROOT is python $ROOT_PY_VERSION; hostagent needs 3.11 or newer (pass --python)"
+in_root "$ROOT_PYTHON" -c 'import ensurepip, venv' 2>/dev/null \
+  || EXIT=2 die "$ROOT_PYTHON in $ROOT cannot make a venv (install python3-venv in the image first)"
 
 if [ -z "$BUILD_PYTHON" ]; then
-  if [ "$ROOT" = / ]; then BUILD_PYTHON=/usr/bin/python3; else BUILD_PYTHON=$(command -v python3 || true); fi
+  if [ "$ROOT" = / ]; then BUILD_PYTHON=$ROOT_PYTHON; else BUILD_PYTHON=$(command -v python3 || true); fi
 fi
 [ -n "$BUILD_PYTHON" ] && "$BUILD_PYTHON" -m pip --version >/dev/null 2>&1 \
   || EXIT=2 die "no build python with pip (${BUILD_PYTHON:-none}); pass --build-python PATH"
@@ -91,11 +99,11 @@ tar -C "$REPO" --exclude=./.git --exclude=./.cache --exclude=./.venv --exclude='
   --exclude=./node_modules -cf - . | tar -C "$WORK/src" -xf -
 "$BUILD_PYTHON" -m pip wheel --quiet --wheel-dir "$WORK/wheels" "$WORK/src"
 
-say "venv $PREFIX with $ROOT's python3 $ROOT_PY_VERSION"
+say "venv $PREFIX with $ROOT's $ROOT_PYTHON ($ROOT_PY_VERSION)"
 IN_WORK=${WORK#"$R"}
 if ! in_root "$PREFIX/bin/python" -c 'import sys' >/dev/null 2>&1; then
   rm -rf "$R$PREFIX"
-  in_root /usr/bin/python3 -m venv "$PREFIX"
+  in_root "$ROOT_PYTHON" -m venv "$PREFIX"
 fi
 # --force-reinstall: a re-bake of the same version number still installs this checkout's code.
 in_root "$PREFIX/bin/python" -m pip install --quiet --no-index --find-links "$IN_WORK/wheels" \

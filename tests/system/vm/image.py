@@ -41,9 +41,22 @@ def cache_dir() -> Path:
     return Path(os.environ.get("HOSTAGENT_VM_CACHE") or REPO / ".cache" / "vm")
 
 
+_writer = None
+
+
+def set_writer(write) -> None:
+    """Let the test route progress lines past pytest's output capture (see test_vm.py)."""
+    global _writer
+    _writer = write
+
+
 def say(message: str) -> None:
-    """Progress lines that show even under pytest's output capture (stage and boot times)."""
-    print(f"[vm] {message}", file=sys.__stderr__, flush=True)
+    """Progress lines: stage times and each boot's time."""
+    line = f"[vm] {message}"
+    if _writer is not None:
+        _writer(line)
+    else:
+        print(line, file=sys.stderr, flush=True)
 
 
 def run(argv, *, timeout: float = 900, **kw) -> subprocess.CompletedProcess:
@@ -237,5 +250,9 @@ def add_test_layer(root: Path) -> None:
         shutil.copy(GUEST_DIR / name, units / name)
     (root / "etc/cloud/cloud.cfg.d/90-vmtest.cfg").write_text(
         "# test image only: the seed is a NoCloud ISO; do not probe other datasources\n"
-        "datasource_list: [ NoCloud, None ]\n")
+        "datasource_list: [ NoCloud, None ]\n"
+        "# minbase has no locales package (a cloud image has): use the built-in C.UTF-8\n"
+        "locale: C.UTF-8\n"
+        "# no sshd in the test image\n"
+        "ssh_genkeytypes: []\n")
     run(["systemctl", f"--root={root}", "enable", "ecs.service", "vmtest-report.service"])

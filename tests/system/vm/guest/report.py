@@ -1,0 +1,208 @@
+"""Test-only, runs inside the VM (vmtest-report.service, after bootstrap, the agent and ECS):
+gather what tests/system/test_vm.py checks and write it as one JSON document to the second
+serial port (/dev/ttyS1, a file on the host). The unit then powers the VM off.
+
+Kernel command line: vmtest.scenario=NAME, vmtest.marker=write|check|none, vmtest.snapshot=1.
+Runs with /opt/hostagent/bin/python, for boto3 (to read the ECS attributes back from moto).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+import urllib.request
+
+REPORT_PORT = "/dev/ttyS1"
+MOUNT_POINT = "/opt/couchdb"
+MARKER = f"{MOUNT_POINT}/data/vmtest-marker"
+ROOT_VIEW = "/run/vmtest-rootview"  # / bind-mounted: shows what lies under the mount point
+INTROSPECTION = "http://127.0.0.1:51678/v1/metadata"
+ATTRIBUTE = "hostagent.persistence"
+ATTRIBUTE_WAIT = 180  # seconds for the agent's first report to reach ECS
+UNITS = ("hostagent-bootstrap.service", "hostagent.service", "ecs.service", "opt-couchdb.mount",
+         "cloud-final.service", "hostagent-snapshot.timer", "hostagent-snapshot.service",
+         "network-online.target")
+PROPS = ("ActiveState", "SubState", "Result", "ExecMainStatus", "NRestarts", "LoadState",
+         "UnitFileState", "SourcePath", "InactiveExitTimestampMonotonic",
+         "ActiveEnterTimestampMonotonic", "ExecMainStartTimestampMonotonic",
+         "ExecMainExitTimestampMonotonic", "StatusText", "NextElapseUSecRealtime")
+
+
+def sh(*argv: str, timeout: float = 120) -> dict:
+    try:
+        p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+        return {"rc": p.returncode, "out": p.stdout[-60000:], "err": p.stderr[-8000:]}
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return {"rc": None, "out": "", "err": f"{type(exc).__name__}: {exc}"}
+
+
+def cmdline() -> dict[str, str]:
+    """vmtest.KEY=VALUE words of the kernel command line (set per boot by the test)."""
+    out = {}
+    for word in open("/proc/cmdline").read().split():
+        if word.startswith("vmtest.") and "=" in word:
+            key, value = word[len("vmtest."):].split("=", 1)
+            out[key] = value
+    return out
+
+
+def uptime() -> float:
+    return float(open("/proc/uptime").read().split()[0])
+
+
+def unit_state(unit: str) -> dict:
+    out = sh("systemctl", "show", unit, "--property=" + ",".join(PROPS))["out"]
+    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+
+def json_of(result: dict):
+    try:
+        return json.loads(result["out"])
+    except ValueError:
+        return None
+
+
+def stat_of(path: str) -> dict | None:
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        return {"error": exc.strerror}
+    return {"uid": st.st_uid, "gid": st.st_gid, "mode": oct(st.st_mode & 0o7777)}
+
+
+def bare_mount_point() -> dict:
+    """What lies on the root disk under /opt/couchdb, seen through a bind mount of /."""
+    os.makedirs(ROOT_VIEW, exist_ok=True)
+    mounted = sh("mount", "--bind", "/", ROOT_VIEW)
+    if mounted["rc"] != 0:
+        return {"error": mounted["err"]}
+    try:
+        bare = ROOT_VIEW + MOUNT_POINT
+        return {"exists": os.path.isdir(bare),
+                "entries": sorted(os.listdir(bare)) if os.path.isdir(bare) else None,
+                "lsattr": sh("lsattr", "-d", bare)["out"].split()[:1]}
+    finally:
+        sh("umount", ROOT_VIEW)
+
+
+def docker_would_create() -> dict:
+    """With nothing mounted, do what Docker does for a missing bind-mount source."""
+    target = f"{MOUNT_POINT}/data"
+    try:
+        os.makedirs(target)
+    except OSError as exc:
+        return {"created": False, "errno": exc.errno, "error": exc.strerror}
+    os.rmdir(target)  # never leave it: the test fails on this report alone
+    return {"created": True}
+
+
+def marker(action: str, token: str) -> dict:
+    if action == "write":
+        with open(MARKER, "w") as fh:
+            fh.write(token)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chown(MARKER, 5984, 5984)
+        return {"written": token}
+    if action == "check":
+        try:
+            return {"read": open(MARKER).read()}
+        except OSError as exc:
+            return {"error": exc.strerror}
+    return {}
+
+
+def ecs_attributes(deadline: float) -> dict:
+    """The container instance the (stand-in) ECS agent registered, and its attributes in ECS,
+    waiting until hostagent has put hostagent.persistence there."""
+    import boto3
+
+    arn = cluster = None
+    seen: list = []
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(INTROSPECTION, timeout=3) as resp:
+                doc = json.load(resp)
+            arn, cluster = doc.get("ContainerInstanceArn"), doc.get("Cluster")
+        except OSError:
+            arn = None
+        if arn:
+            ecs = boto3.client("ecs", region_name=arn.split(":")[3])
+            # moto ignores attributeName alone: list all and filter here.
+            seen = [a for a in ecs.list_attributes(cluster=cluster,
+                                                   targetType="container-instance")["attributes"]
+                    if a.get("targetId") in (arn, arn.split("/")[-1])]
+            if any(a["name"] == ATTRIBUTE for a in seen):
+                break
+        time.sleep(3)
+    return {"arn": arn, "cluster": cluster,
+            "attributes": {a["name"]: a.get("value") for a in seen},
+            "waited_until_uptime": uptime()}
+
+
+def main() -> None:
+    started = uptime()
+    args = cmdline()
+    report: dict = {"scenario": args.get("scenario"), "cmdline": args, "report_started": started}
+    report["instance_id"] = open("/var/lib/cloud/data/instance-id").read().strip() \
+        if os.path.exists("/var/lib/cloud/data/instance-id") else None
+    report["units"] = {u: unit_state(u) for u in UNITS}
+    report["failed_units"] = sh("systemctl", "--failed", "--plain", "--no-legend")["out"]
+    report["is_system_running"] = sh("systemctl", "is-system-running")["out"].strip()
+    report["timer_enabled"] = sh("systemctl", "is-enabled", "hostagent-snapshot.timer")["out"].strip()
+    report["findmnt"] = json_of(sh("findmnt", "-J", "-o", "SOURCE,TARGET,FSTYPE,OPTIONS",
+                                   "--mountpoint", MOUNT_POINT))
+    report["fstab"] = open("/etc/fstab").read()
+    report["lsblk"] = json_of(sh("lsblk", "-J", "-o", "NAME,SERIAL,UUID,FSTYPE,LABEL,MOUNTPOINT"))
+    nvme = "/dev/nvme0n1"
+    report["nvme"] = {
+        "present": os.path.exists(nvme),
+        "serial": open("/sys/block/nvme0n1/device/serial").read().strip()
+        if os.path.exists("/sys/block/nvme0n1/device/serial") else None,
+        "blkid": sh("blkid", "-p", "-o", "export", nvme)["out"] if os.path.exists(nvme) else "",
+    }
+    mounted = bool(report["findmnt"])
+    report["layout"] = {d: stat_of(f"{MOUNT_POINT}/{d}") for d in ("", "data", "etc", "etc/local.d")} \
+        if mounted else None
+    report["bare_mount_point"] = bare_mount_point()
+    if not mounted:
+        report["docker_would_create"] = docker_would_create()
+    report["marker"] = marker(args.get("marker", "none"), args.get("token", "")) if mounted else {}
+    report["verify_mount"] = sh("/usr/local/bin/hostagent", "verify-mount", "--json")
+    report["bootstrap_again"] = sh("/usr/local/bin/hostagent", "bootstrap", "--dry-run", "--json")
+    report["journal"] = {
+        u: sh("journalctl", "-b", "-u", u, "-o", "cat", "--no-pager")["out"][-20000:]
+        for u in ("hostagent-bootstrap.service", "hostagent.service", "ecs.service")}
+    report["files"] = {p: open(p).read() if os.path.exists(p) else None
+                       for p in ("/etc/hostagent/hostagent.toml", "/etc/ecs/ecs.config",
+                                 "/etc/default/hostagent")}
+    report["ecs"] = ecs_attributes(time.monotonic() + ATTRIBUTE_WAIT)
+    if args.get("snapshot") == "1":
+        report["snapshot_run"] = sh("systemctl", "start", "hostagent-snapshot.service", timeout=300)
+        report["snapshot_unit"] = unit_state("hostagent-snapshot.service")
+        report["snapshot_journal"] = sh("journalctl", "-b", "-u", "hostagent-snapshot.service",
+                                        "-o", "cat", "--no-pager")["out"][-20000:]
+    report["agent_after"] = unit_state("hostagent.service")
+    analyze = sh("systemd-analyze", "time")
+    report["systemd_analyze_time"] = (analyze["out"] + analyze["err"]).strip()
+    report["report_finished"] = uptime()
+    write(report)
+
+
+def write(report: dict) -> None:
+    data = json.dumps(report, sort_keys=True)
+    with open(REPORT_PORT, "w") as port:
+        port.write("\nVMTEST-REPORT-BEGIN\n" + data + "\nVMTEST-REPORT-END\n")
+        port.flush()
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except BaseException as exc:  # the host must learn why, not only time out
+        import traceback
+
+        write({"crashed": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()})
+        raise
