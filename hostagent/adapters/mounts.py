@@ -29,8 +29,8 @@ class MountEntry:
         return "ro" in self.options or "ro" in self.super_options
 
 
-def _unescape(field: str) -> str:
-    # mountinfo escapes space, tab, newline and backslash as \040 \011 \012 \134.
+def unescape_octal(field: str) -> str:
+    """mountinfo and /proc/swaps escape space, tab, newline and backslash as \\040 \\011 \\012 \\134."""
     out, i = [], 0
     while i < len(field):
         if field[i] == "\\" and i + 3 < len(field) and field[i + 1:i + 4].isdigit():
@@ -52,10 +52,10 @@ def parse_mountinfo(text: str) -> list[MountEntry]:
         sep = parts.index("-", 6)
         entries.append(MountEntry(
             major_minor=parts[2],
-            root=_unescape(parts[3]),
-            mount_point=_unescape(parts[4]),
+            root=unescape_octal(parts[3]),
+            mount_point=unescape_octal(parts[4]),
             fstype=parts[sep + 1],
-            source=_unescape(parts[sep + 2]),
+            source=unescape_octal(parts[sep + 2]),
             options=tuple(parts[5].split(",")),
             super_options=tuple(parts[sep + 3].split(",")) if len(parts) > sep + 3 else (),
         ))

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Iterable
 
 from hostagent import runner
+from hostagent.adapters.mounts import MountEntry, parse_mountinfo, read_mountinfo, unescape_octal
 from hostagent.errors import CommandError, OperationError, RefusedError, UsageError
 
 MIB = 1 << 20
@@ -24,7 +25,6 @@ MKFS_TIMEOUT = 1800.0
 EXT4_LABEL_MAX_BYTES = 16
 FORMATTED_TAG = "hostagent:formatted"
 SYS_DEV_BLOCK = "/sys/dev/block"
-MOUNTINFO = "/proc/self/mountinfo"
 PROC_SWAPS = "/proc/swaps"
 # Entries of Evidence.mounted_at that are not mount points.
 SWAP_MARK = "[swap]"
@@ -329,46 +329,13 @@ def refusal_error(decision: Decision, device: str, volume_id: str | None = None)
 # --- gathering evidence from the host -------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Mount:
-    major_minor: str
-    mount_point: str
-    source: str
-
-
-def _unescape_octal(field: str) -> str:
-    # mountinfo and /proc/swaps escape space, tab, newline and backslash as \040 \011 \012 \134.
-    out, i = [], 0
-    while i < len(field):
-        if field[i] == "\\" and field[i + 1:i + 4].isdigit() and len(field[i + 1:i + 4]) == 3:
-            out.append(chr(int(field[i + 1:i + 4], 8)))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return "".join(out)
-
-
-def _parse_mountinfo(text: str) -> list[_Mount]:
-    mounts = []
-    for line in text.splitlines():
-        parts = line.split(" ")
-        if len(parts) < 10 or "-" not in parts[6:]:
-            continue
-        sep = parts.index("-", 6)
-        mounts.append(_Mount(parts[2], _unescape_octal(parts[4]), _unescape_octal(parts[sep + 2])))
-    return mounts
-
-
-def _mounts_from(mountinfo) -> list[_Mount]:
-    """mountinfo: None (read /proc/self/mountinfo), its text, or entries with major_minor,
-    mount_point and source attributes (hostagent.adapters.mounts.MountEntry)."""
+def _mounts_from(mountinfo) -> list[MountEntry]:
+    """mountinfo: None (read /proc/self/mountinfo), its text, or MountEntry objects."""
     if mountinfo is None:
-        with open(MOUNTINFO, encoding="utf-8", errors="replace") as f:
-            mountinfo = f.read()
+        return read_mountinfo()
     if isinstance(mountinfo, str):
-        return _parse_mountinfo(mountinfo)
-    return [_Mount(m.major_minor, m.mount_point, m.source) for m in mountinfo]
+        return parse_mountinfo(mountinfo)
+    return list(mountinfo)
 
 
 def _rdev_of(path: str) -> str | None:
@@ -382,7 +349,7 @@ def _rdev_of(path: str) -> str | None:
     return f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
 
 
-def _mount_devices(mount: _Mount) -> set[str]:
+def _mount_devices(mount: MountEntry) -> set[str]:
     # btrfs (and other multi-device filesystems) show an anonymous 0:N in mountinfo; the source
     # path is the only link to the block device there.
     found = {mount.major_minor}
@@ -541,7 +508,7 @@ def _read_swaps(swaps: str | None) -> list[str]:
                 swaps = f.read()
         except OSError:
             return []
-    return [_unescape_octal(line.split()[0]) for line in swaps.splitlines()[1:] if line.split()]
+    return [unescape_octal(line.split()[0]) for line in swaps.splitlines()[1:] if line.split()]
 
 
 def gather_evidence(

@@ -486,7 +486,7 @@ def test_parse_mountinfo_reads_device_mount_point_and_source():
     text = ("27 1 254:0 / / rw,relatime - ext4 /dev/vda rw\n"
             "43 27 0:39 / /tmp/my\\040mnt rw,relatime - btrfs /dev/loop0 rw,subvol=/\n"
             "short line\n")
-    mounts = probe._parse_mountinfo(text)
+    mounts = probe._mounts_from(text)
     assert [(m.major_minor, m.mount_point, m.source) for m in mounts] == [
         ("254:0", "/", "/dev/vda"), ("0:39", "/tmp/my mnt", "/dev/loop0")]
 
