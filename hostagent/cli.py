@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from hostagent import __version__
-from hostagent.errors import EXIT_FAILED, EXIT_USAGE, HostagentError
+from hostagent.errors import EXIT_USAGE, HostagentError
 
 # command -> (module:function, help). Flow modules are imported only for the command that runs,
 # so `hostagent --help` and `verify-mount` never pay for boto3 or requests.

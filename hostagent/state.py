@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+
+from hostagent.fileio import atomic_write, fsync_dir
 
 VOLUME_RECORD = "volume.json"  # what bootstrap mounted last: verify-mount checks against it
 FORMAT_INTENT = "format-intent.json"  # written before mkfs, removed after: a crash mid-mkfs is ours
@@ -24,21 +25,8 @@ def read_record(state_dir: str, name: str) -> dict | None:
 def write_record(state_dir: str, name: str, data: dict) -> None:
     """Atomic: temp file + fsync + rename + directory fsync."""
     os.makedirs(state_dir, mode=0o755, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=state_dir)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, sort_keys=True)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, os.path.join(state_dir, name))
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(state_dir)
+    text = json.dumps(data, indent=2, sort_keys=True) + "\n"
+    atomic_write(os.path.join(state_dir, name), text.encode(), 0o644)
 
 
 def remove_record(state_dir: str, name: str) -> None:
@@ -46,12 +34,4 @@ def remove_record(state_dir: str, name: str) -> None:
         os.unlink(os.path.join(state_dir, name))
     except FileNotFoundError:
         return
-    _fsync_dir(state_dir)
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(state_dir)

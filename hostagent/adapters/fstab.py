@@ -9,10 +9,10 @@ import stat
 from dataclasses import dataclass
 
 from hostagent.errors import OperationError, UsageError
+from hostagent.fileio import atomic_write
 
 FSTAB_TAG_OPTION = "comment=hostagent"
 BACKUP_SUFFIX = ".hostagent.bak"
-TMP_SUFFIX = ".hostagent.tmp"
 NEW_FILE_MODE = 0o644
 DEVICE_TIMEOUT_OPTION = "x-systemd.device-timeout"
 
@@ -244,8 +244,8 @@ def write_fstab(path: str, new_text: str) -> bool:
         st = _stat(target)
         mode, uid, gid = stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid
     # Backup first: whenever the new file is in place, the backup already holds the old bytes.
-    _atomic_write(backup_path(target), old, mode, uid, gid)
-    _atomic_write(target, data, mode, uid, gid)
+    atomic_write(backup_path(target), old, mode, uid, gid)
+    atomic_write(target, data, mode, uid, gid)
     return True
 
 
@@ -260,7 +260,7 @@ def restore_fstab(path: str) -> bool:
     if _read_bytes(target) == data:
         return False
     st = _stat(backup)
-    _atomic_write(target, data, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid)
+    atomic_write(target, data, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid)
     return True
 
 
@@ -281,49 +281,3 @@ def _stat(path: str) -> os.stat_result:
         return os.stat(path)
     except OSError as exc:
         raise OperationError(f"cannot stat fstab: {exc.strerror}", where=path) from None
-
-
-def _atomic_write(target: str, data: bytes, mode: int, uid: int, gid: int) -> None:
-    """temp file in the same directory + fsync + rename + fsync of the directory: after a crash
-    the target holds either all the old bytes or all the new ones."""
-    tmp = target + TMP_SUFFIX
-    directory = os.path.dirname(target) or "."
-    renamed = False
-    try:
-        # A fixed name: a temp left by an interrupted run is ours and simply replaced.
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     0o600)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            # chown before chmod: chown clears set-id bits, chmod then sets the exact mode.
-            if (uid, gid) != (os.geteuid(), os.getegid()):
-                os.fchown(fd, uid, gid)
-            os.fchmod(fd, mode)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, target)
-        renamed = True
-        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError as exc:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        if renamed:
-            raise OperationError(f"wrote {os.path.basename(target)} but could not sync its "
-                                 f"directory: {exc.strerror}", where=directory) from None
-        raise OperationError(f"cannot write {os.path.basename(target)}: {exc.strerror}",
-                             where=target,
-                             hint="the previous file is untouched; check that the directory "
-                                  "is writable and not full") from None

@@ -9,10 +9,10 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import secrets as _random
 import stat
 
 from hostagent.errors import ConfigError, OperationError
+from hostagent.fileio import atomic_write
 from hostagent.report import Report
 
 log = logging.getLogger(__name__)
@@ -111,33 +111,11 @@ def write_secret(dest: str, data: bytes) -> str:
             os.chmod(dest, FILE_MODE)
             return MODE_FIXED
         return UNCHANGED
-    tmp = os.path.join(parent, f".{os.path.basename(dest)}.{_random.token_hex(6)}.tmp")
-    # O_EXCL: never write into a file someone else prepared (a symlink or a world-readable one).
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW,
-                 FILE_MODE)
-    try:
-        try:
-            os.fchmod(fd, FILE_MODE)  # the umask can only have taken bits away; say it exactly
-            if st is not None and os.geteuid() == 0:
-                os.fchown(fd, st.st_uid, st.st_gid)  # whoever reads it today still can
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, dest)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    dir_fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(dir_fd)  # the rename itself survives a crash
-    finally:
-        os.close(dir_fd)
+    # Created 0600 from the first byte (never readable by others, whatever the umask); the owner
+    # of the file it replaces is kept, so whoever reads it today still can.
+    keep_owner = st is not None and os.geteuid() == 0
+    atomic_write(dest, data, FILE_MODE, st.st_uid if keep_owner else None,
+                 st.st_gid if keep_owner else None)
     return WRITTEN
 
 
