@@ -12,6 +12,10 @@ server on this host. Four boots, in order:
   disk-missing  B reboots without the disk, which another instance now holds: B boots anyway,
                 bootstrap refuses, ECS still starts, the agent reports missing, and nothing can
                 be written under the bare /opt/couchdb on the root disk
+  handmade-upgrade  the seed's hand-made host: an ext4 volume made by hand, mounted by an
+                fstab line naming the device, hostagent installed later: the line becomes a
+                UUID line, the data stays, the layout is fixed; then the README's maintenance
+                step (umount, `hostagent bootstrap`) puts the root-disk guard in place
 
 The guest reports through a test-only unit that writes JSON to its second serial port and
 powers off. Hand-written stand-ins (no real one can run here): the IMDS server and the ECS agent
@@ -25,6 +29,7 @@ Debian root is cached under .cache/vm/ by its package list, the baked image by i
 
 from __future__ import annotations
 
+import json
 import secrets
 import shutil
 import subprocess
@@ -51,6 +56,7 @@ STAGE_BUDGET = 15 * 60  # seconds for the whole VM stage, as the issue asks
 class Scenario:
     name: str
     instance_id: str
+    volume_id: str
     boot: object
     volume_after: dict = field(default_factory=dict)
     host_blkid: dict = field(default_factory=dict)
@@ -69,6 +75,42 @@ class Stage:
     seconds: float
     image: object
     workdir: Path
+    handmade_uuid: str | None = None
+
+HANDMADE_FSTAB_LINE = "/dev/nvme0n1\t/opt/couchdb\text4\tdefaults\t0\t2\n"
+
+
+def handmade_data_disk(workdir: Path) -> tuple[Path, str]:
+    """A volume formatted by hand (no label) holding CouchDB data, data/ at mode 0755."""
+    import os
+
+    tree = workdir / "handmade-tree"
+    (tree / "data").mkdir(parents=True)
+    token = secrets.token_hex(8)
+    (tree / "data" / "vmtest-marker").write_text(token)
+    (tree / "data" / "_dbs.couch").write_bytes(os.urandom(256 * 1024))
+    for path in (tree / "data", tree / "data" / "vmtest-marker", tree / "data" / "_dbs.couch"):
+        os.chown(path, 5984, 5984)
+    (tree / "data").chmod(0o755)
+    disk = workdir / "handmade-data.img"
+    subprocess.run(["truncate", "-s", "1G", str(disk)], check=True)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-d", str(tree), str(disk)], check=True)
+    return disk, token
+
+
+def handmade_root(root_img: Path, workdir: Path) -> Path:
+    """The baked root with the hand-made fstab line and an empty /opt/couchdb, edited offline."""
+    root = workdir / "root-d.img"
+    subprocess.run(["cp", "--sparse=always", str(root_img), str(root)], check=True)
+    fstab = subprocess.run(["debugfs", "-R", "cat /etc/fstab", str(root)], check=True,
+                           capture_output=True, text=True).stdout
+    new_fstab = workdir / "handmade-fstab"
+    new_fstab.write_text(fstab + HANDMADE_FSTAB_LINE)
+    commands = workdir / "handmade-debugfs"
+    commands.write_text(f"rm /etc/fstab\nwrite {new_fstab} /etc/fstab\nmkdir /opt/couchdb\n")
+    subprocess.run(["debugfs", "-w", "-f", str(commands), str(root)], check=True,
+                   capture_output=True)
+    return root
 
 
 def blkid_of(path: Path) -> dict:
@@ -106,7 +148,8 @@ def vm(moto_server, request):
     need_root()
     for tool, package in (("qemu-system-x86_64", "qemu-system-x86"), ("qemu-img", "qemu-utils"),
                           ("debootstrap", "debootstrap"), ("cloud-localds", "cloud-image-utils"),
-                          ("mkfs.ext4", "e2fsprogs"), ("unshare", "util-linux"),
+                          ("mkfs.ext4", "e2fsprogs"), ("debugfs", "e2fsprogs"),
+                          ("unshare", "util-linux"),
                           ("systemctl", "systemd")):
         need_tool(tool, package)
     need(Path("/usr/share/keyrings/debian-archive-keyring.gpg").exists(),
@@ -143,8 +186,8 @@ def vm(moto_server, request):
     ecs.create_cluster(clusterName=CLUSTER)
     volume_id = ec2.create_volume(Size=1, AvailabilityZone=AZ, VolumeType="gp3", TagSpecifications=[
         {"ResourceType": "volume", "Tags": [VOLUME_TAG]}])["VolumeId"]
-    # On Nitro the NVMe serial is the volume id without its hyphen: the disk becomes the volume.
-    serial = volume_id.replace("-", "")
+    # On Nitro the NVMe serial is the volume id without its hyphen (run_boot sets it): the
+    # disk becomes the volume.
     data_disk = workdir / "data.img"
     subprocess.run(["truncate", "-s", "1G", str(data_disk)], check=True)
 
@@ -160,24 +203,27 @@ def vm(moto_server, request):
         if mine:
             ecs.delete_attributes(cluster=CLUSTER, attributes=mine)
 
-    def volume() -> dict:
-        return ec2.describe_volumes(VolumeIds=[volume_id])["Volumes"][0]
+    def volume(vid: str) -> dict:
+        return ec2.describe_volumes(VolumeIds=[vid])["Volumes"][0]
 
     imds = IMDSServer(instance_id="i-00000000000000000", availability_zone=AZ, region=REGION).start()
     shipped = render_user_data({"ECS_CLUSTER": CLUSTER})
     token = secrets.token_hex(8)
     scenarios: dict[str, Scenario] = {}
+    handmade_uuid = [None]
 
-    def run_boot(name, instance_id, root_disk, seed, *, with_disk=True, **cmdline):
+    def run_boot(name, instance_id, root_disk, seed, *, disk=data_disk, vid=volume_id,
+                 with_disk=True, **cmdline):
         imds.instance_id = instance_id
         clear_attributes()
         result = boot(name, image=image, root_disk=root_disk, seed_iso=seed,
-                      data_disk=data_disk if with_disk else None, volume_serial=serial,
+                      data_disk=disk if with_disk else None, volume_serial=vid.replace("-", ""),
                       moto_port=int(moto_server.rsplit(":", 1)[1]), imds_port=imds.httpd.server_port,
                       workdir=workdir, cmdline_extra={"scenario": name, **cmdline})
         snaps = ec2.describe_snapshots(OwnerIds=["self"], Filters=[
-            {"Name": "volume-id", "Values": [volume_id]}])["Snapshots"]
-        scenarios[name] = Scenario(name, instance_id, result, volume(), blkid_of(data_disk), snaps)
+            {"Name": "volume-id", "Values": [vid]}])["Snapshots"]
+        scenarios[name] = Scenario(name, instance_id, vid, result, volume(vid), blkid_of(disk),
+                                   snaps)
         images.say(f"  {name}: {guest_timeline(result.report)}")
 
     try:
@@ -199,12 +245,27 @@ def vm(moto_server, request):
         c = new_instance()
         ec2.attach_volume(VolumeId=volume_id, InstanceId=c, Device="/dev/xvdf")
         run_boot("disk-missing", b, root_b, seed_b, with_disk=False, marker="none")
+
+        # The seed's host, set up by hand: its own volume (tagged as the README's upgrade
+        # runbook says), ext4 made by hand, fstab naming the device; hostagent baked in later.
+        requests.post(f"{moto_server}/moto-api/reset", timeout=10)
+        ecs.create_cluster(clusterName=CLUSTER)
+        old_volume = ec2.create_volume(Size=1, AvailabilityZone=AZ, VolumeType="gp3")["VolumeId"]
+        ec2.create_tags(Resources=[old_volume], Tags=[VOLUME_TAG])
+        d = new_instance()
+        ec2.attach_volume(VolumeId=old_volume, InstanceId=d, Device="/dev/xvdf")
+        old_disk, old_token = handmade_data_disk(workdir)
+        handmade_uuid[0] = blkid_of(old_disk)["UUID"]
+        root_d = handmade_root(image.root_img, workdir)
+        seed_d = make_seed(workdir / "seed-d", instance_id=d, shipped_user_data=shipped)
+        run_boot("handmade-upgrade", d, root_d, seed_d, disk=old_disk, vid=old_volume,
+                 marker="check", token=old_token, runbook="remount", expect="ready")
     finally:
         imds.stop()
     seconds = time.monotonic() - stage_started
     times = ", ".join(f"{n} {s.boot.seconds:.0f} s" for n, s in scenarios.items())
     images.say(f"VM stage: {seconds:.0f} s in all; boots: {times}")
-    return Stage(scenarios, volume_id, token, seconds, image, workdir)
+    return Stage(scenarios, volume_id, token, seconds, image, workdir, handmade_uuid[0])
 
 
 def guest_timeline(report: dict | None) -> str:
@@ -256,7 +317,7 @@ def assert_mounted_volume(vm: Stage, s: Scenario) -> str:
     """The shared checks of every boot that has the disk; returns the filesystem UUID."""
     r = s.report
     assert r["instance_id"] == s.instance_id
-    assert r["nvme"]["serial"] == vm.volume_id.replace("-", "")
+    assert r["nvme"]["serial"] == s.volume_id.replace("-", "")
     boot_unit = unit(r, "hostagent-bootstrap.service")
     assert (boot_unit["ActiveState"], boot_unit["Result"]) == ("active", "success"), \
         bootstrap_journal(s)
@@ -288,7 +349,7 @@ def assert_mounted_volume(vm: Stage, s: Scenario) -> str:
     assert r["ecs"]["attributes"].get(ATTRIBUTE) == "ready", (r["ecs"], r["journal"]["hostagent.service"])
     assert unit(r, "hostagent.service")["ActiveState"] == "active"
     assert r["failed_units"].strip() == "", r["failed_units"]
-    assert vm.scenarios and s.host_blkid.get("UUID") == fs["UUID"]
+    assert s.host_blkid.get("UUID") == fs["UUID"]
     return fs["UUID"]
 
 
@@ -365,6 +426,27 @@ def test_disk_missing_boots_reports_missing_and_protects_the_root_disk(vm):
     bare = r["bare_mount_point"]
     assert bare["entries"] == [] and "i" in bare["lsattr"][0], bare
     assert r["docker_would_create"]["created"] is False, r["docker_would_create"]
+
+
+def test_handmade_host_upgrade_keeps_the_data_and_rewrites_fstab(vm):
+    s = scenario(vm, "handmade-upgrade")
+    r = s.report
+    # At boot: systemd mounted the volume by device name, then bootstrap took it over as it was.
+    steps = journal_steps(bootstrap_journal(s))
+    assert steps.get("format") == "skipped" and steps.get("fstab") == "done", bootstrap_journal(s)
+    assert steps.get("mount") == "skipped", bootstrap_journal(s)
+    runbook = r["runbook"]
+    assert runbook["fstab_before"].count("/opt/couchdb") == 1
+    assert "/dev/nvme0n1" not in runbook["fstab_before"], "the device-name line was not replaced"
+    assert HANDMADE_FSTAB_LINE in r["files"]["/etc/fstab.hostagent.bak"]
+    # The maintenance step of the runbook: umount, bootstrap (guard, then mount by UUID).
+    assert runbook["umount"]["rc"] == 0, runbook
+    assert runbook["bootstrap"]["rc"] == 0, runbook["bootstrap"]
+    done = {st["name"]: st["status"] for st in json.loads(runbook["bootstrap"]["out"])["steps"]}
+    assert done.get("guard") == "done" and done.get("mount") == "done", done
+    uuid = assert_mounted_volume(vm, s)
+    assert uuid == vm.handmade_uuid, "the hand-made filesystem was remade"
+    assert r["marker"] == {"read": r["cmdline"]["token"]}
 
 
 def test_each_boot_time_and_the_stage_budget(vm):

@@ -73,7 +73,7 @@ def boot(name: str, *, image: Image, root_disk: Path, seed_iso: Path, data_disk:
         "-nodefaults", "-display", "none", "-monitor", "none", "-no-reboot",
         "-serial", f"file:{console}", "-serial", f"file:{report_log}",
         "-kernel", image.kernel, "-initrd", image.initrd, "-append", append,
-        "-drive", f"file={root_disk},if=virtio,format=qcow2",
+        "-drive", f"file={root_disk},if=virtio,format={'qcow2' if root_disk.suffix == '.qcow2' else 'raw'}",
         "-drive", f"file={seed_iso},if=virtio,format=raw,readonly=on",
         # restrict=on: the guest reaches nothing but the forwards below (no host, no outside).
         "-netdev", "user,id=n0,restrict=on,"

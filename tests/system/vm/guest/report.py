@@ -2,7 +2,10 @@
 gather what tests/system/test_vm.py checks and write it as one JSON document to the second
 serial port (/dev/ttyS1, a file on the host). The unit then powers the VM off.
 
-Kernel command line: vmtest.scenario=NAME, vmtest.marker=write|check|none, vmtest.snapshot=1.
+Kernel command line: vmtest.scenario=NAME, vmtest.marker=write|check|none, vmtest.token=TEXT,
+vmtest.snapshot=1, vmtest.runbook=remount (the operator's maintenance step for a host set up by
+hand: umount the volume, run `hostagent bootstrap`), vmtest.expect=VALUE (wait for the ECS
+attribute to reach VALUE, not just to appear).
 Runs with /opt/hostagent/bin/python, for boto3 (to read the ECS attributes back from moto).
 """
 
@@ -114,9 +117,9 @@ def marker(action: str, token: str) -> dict:
     return {}
 
 
-def ecs_attributes(deadline: float) -> dict:
+def ecs_attributes(deadline: float, expect: str | None) -> dict:
     """The container instance the (stand-in) ECS agent registered, and its attributes in ECS,
-    waiting until hostagent has put hostagent.persistence there."""
+    waiting until hostagent has put hostagent.persistence there (with the value `expect`)."""
     import boto3
 
     arn = cluster = None
@@ -134,7 +137,8 @@ def ecs_attributes(deadline: float) -> dict:
             seen = [a for a in ecs.list_attributes(cluster=cluster,
                                                    targetType="container-instance")["attributes"]
                     if a.get("targetId") in (arn, arn.split("/")[-1])]
-            if any(a["name"] == ATTRIBUTE for a in seen):
+            if any(a["name"] == ATTRIBUTE and (expect is None or a.get("value") == expect)
+                   for a in seen):
                 break
         time.sleep(3)
     return {"arn": arn, "cluster": cluster,
@@ -146,6 +150,12 @@ def main() -> None:
     started = uptime()
     args = cmdline()
     report: dict = {"scenario": args.get("scenario"), "cmdline": args, "report_started": started}
+    if args.get("runbook") == "remount":
+        report["runbook"] = {
+            "fstab_before": open("/etc/fstab").read(),
+            "umount": sh("umount", MOUNT_POINT),
+            "bootstrap": sh("/usr/local/bin/hostagent", "bootstrap", "--json", timeout=300),
+        }
     report["instance_id"] = open("/var/lib/cloud/data/instance-id").read().strip() \
         if os.path.exists("/var/lib/cloud/data/instance-id") else None
     report["units"] = {u: unit_state(u) for u in UNITS}
@@ -177,8 +187,8 @@ def main() -> None:
         for u in ("hostagent-bootstrap.service", "hostagent.service", "ecs.service")}
     report["files"] = {p: open(p).read() if os.path.exists(p) else None
                        for p in ("/etc/hostagent/hostagent.toml", "/etc/ecs/ecs.config",
-                                 "/etc/default/hostagent")}
-    report["ecs"] = ecs_attributes(time.monotonic() + ATTRIBUTE_WAIT)
+                                 "/etc/default/hostagent", "/etc/fstab.hostagent.bak")}
+    report["ecs"] = ecs_attributes(time.monotonic() + ATTRIBUTE_WAIT, args.get("expect"))
     if args.get("snapshot") == "1":
         report["snapshot_run"] = sh("systemctl", "start", "hostagent-snapshot.service", timeout=300)
         report["snapshot_unit"] = unit_state("hostagent-snapshot.service")
