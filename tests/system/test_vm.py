@@ -374,6 +374,12 @@ def test_first_launch_snapshot_through_the_baked_unit(vm):
     assert r["snapshot_unit"]["Result"] == "success", r["snapshot_journal"]
     assert len(s.snapshots) == 1, r["snapshot_journal"]
     assert s.snapshots[0]["VolumeId"] == vm.volume_id
+    # fsfreeze worked from inside the unit's own mount namespace (ProtectSystem= etc.): the
+    # frozen superblock is the host's, so the snapshot is consistent, not crash-only.
+    from hostagent.aws.snapshots import CONSISTENCY_KEY, FROZEN
+
+    tags = {t["Key"]: t["Value"] for t in s.snapshots[0].get("Tags", [])}
+    assert tags.get(CONSISTENCY_KEY) == FROZEN, (tags, r["snapshot_journal"])
 
 
 def test_reboot_mounts_from_fstab_and_bootstrap_is_a_no_op(vm):
