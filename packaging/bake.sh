@@ -18,10 +18,10 @@
 #
 # Python: the venv is made by --python, a path inside DIR (default /usr/bin/python3; hostagent
 # needs 3.11 or newer, e.g. /usr/bin/python3.11 on Amazon Linux 2023). A wheel of this checkout
-# plus its dependencies are built on the build host with --build-python's pip, which uses the
-# machine's own pip configuration (index, mirrors, constraints); the venv inside DIR then
-# installs them offline (--no-index). The build python must have the same major.minor version
-# as the venv's, so the wheels fit (on --root /, both default to /usr/bin/python3).
+# plus its dependencies are built with --build-python's pip, which uses the machine's own pip
+# configuration (index, mirrors, constraints); the venv inside DIR then installs them offline
+# (--no-index). The build python must have the same major.minor version as the venv's, so the
+# wheels fit. Defaults: on --root / the new venv's own pip; for an image root, python3 on PATH.
 set -euo pipefail
 
 ROOT=/
@@ -80,14 +80,23 @@ in_root "$ROOT_PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
 in_root "$ROOT_PYTHON" -c 'import ensurepip, venv' 2>/dev/null \
   || EXIT=2 die "$ROOT_PYTHON in $ROOT cannot make a venv (install python3-venv in the image first)"
 
+# The venv first: on / its own pip (from ensurepip) builds the wheels, so the machine needs no
+# python3-pip. Recreated when missing, broken or made by another Python version (an OS upgrade).
+say "venv $PREFIX with $ROOT's $ROOT_PYTHON ($ROOT_PY_VERSION)"
+VENV_PY_VERSION=$(in_root "$PREFIX/bin/python" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null || true)
+if [ "$VENV_PY_VERSION" != "$ROOT_PY_VERSION" ]; then
+  rm -rf "$R$PREFIX"
+  in_root "$ROOT_PYTHON" -m venv "$PREFIX"
+fi
+
 if [ -z "$BUILD_PYTHON" ]; then
-  if [ "$ROOT" = / ]; then BUILD_PYTHON=$ROOT_PYTHON; else BUILD_PYTHON=$(command -v python3 || true); fi
+  if [ "$ROOT" = / ]; then BUILD_PYTHON=$PREFIX/bin/python; else BUILD_PYTHON=$(command -v python3 || true); fi
 fi
 [ -n "$BUILD_PYTHON" ] && "$BUILD_PYTHON" -m pip --version >/dev/null 2>&1 \
   || EXIT=2 die "no build python with pip (${BUILD_PYTHON:-none}); pass --build-python PATH"
 BUILD_PY_VERSION=$("$BUILD_PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
 [ "$BUILD_PY_VERSION" = "$ROOT_PY_VERSION" ] \
-  || EXIT=2 die "build python $BUILD_PYTHON is $BUILD_PY_VERSION but $ROOT has python3 $ROOT_PY_VERSION; pass --build-python with a $ROOT_PY_VERSION interpreter"
+  || EXIT=2 die "build python $BUILD_PYTHON is $BUILD_PY_VERSION but $ROOT has python $ROOT_PY_VERSION; pass --build-python with a $ROOT_PY_VERSION interpreter"
 
 WORK=$(mktemp -d "$R/tmp/hostagent-bake.XXXXXX")
 trap 'rm -rf "$WORK"' EXIT
@@ -97,14 +106,9 @@ mkdir "$WORK/src"
 tar -C "$REPO" --exclude=./.git --exclude=./.cache --exclude=./.venv --exclude='*.img' \
   --exclude='*.qcow2' --exclude=__pycache__ --exclude='*.egg-info' --exclude=./build \
   --exclude=./node_modules -cf - . | tar -C "$WORK/src" -xf -
-"$BUILD_PYTHON" -m pip wheel --quiet --wheel-dir "$WORK/wheels" "$WORK/src"
+"$BUILD_PYTHON" -m pip wheel --quiet --disable-pip-version-check --wheel-dir "$WORK/wheels" "$WORK/src"
 
-say "venv $PREFIX with $ROOT's $ROOT_PYTHON ($ROOT_PY_VERSION)"
 IN_WORK=${WORK#"$R"}
-if ! in_root "$PREFIX/bin/python" -c 'import sys' >/dev/null 2>&1; then
-  rm -rf "$R$PREFIX"
-  in_root "$ROOT_PYTHON" -m venv "$PREFIX"
-fi
 # --force-reinstall: a re-bake of the same version number still installs this checkout's code.
 in_root "$PREFIX/bin/python" -m pip install --quiet --no-index --find-links "$IN_WORK/wheels" \
   --force-reinstall --disable-pip-version-check hostagent
