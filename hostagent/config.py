@@ -269,8 +269,8 @@ def _check_semantics(config: Config) -> None:
         raise ConfigError(f"layout.mode {layout.mode!r} must be an octal mode like \"0750\"",
                           where=src)
     if config.couchdb.url and not config.couchdb.url.startswith(("http://", "https://")):
-        raise ConfigError(f"couchdb.url {config.couchdb.url!r} must start with http:// or https://",
-                          where=src)
+        # Never echo the value: it may carry user:password@.
+        raise ConfigError("couchdb.url must start with http:// or https://", where=src)
     if config.secrets.source and not S3_URL_RE.match(config.secrets.source):
         raise ConfigError(f"secrets.source {config.secrets.source!r} must look like "
                           "s3://bucket/key", where=src)

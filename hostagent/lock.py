@@ -17,8 +17,12 @@ POLL_SECONDS = 0.1
 @contextlib.contextmanager
 def host_lock(path: str, *, wait: float = LOCK_WAIT_SECONDS):
     """Hold an exclusive flock on path; wait up to `wait` seconds, then fail naming the holder."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise OperationError(f"cannot open the lock file: {exc.strerror}", where=path,
+                             hint="commands that change the host run as root") from None
     try:
         deadline = time.monotonic() + wait
         while True:

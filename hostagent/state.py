@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 
+from hostagent.errors import OperationError
 from hostagent.fileio import atomic_write, fsync_dir
 
 VOLUME_RECORD = "volume.json"  # what bootstrap mounted last: verify-mount checks against it
@@ -24,14 +25,21 @@ def read_record(state_dir: str, name: str) -> dict | None:
 
 def write_record(state_dir: str, name: str, data: dict) -> None:
     """Atomic: temp file + fsync + rename + directory fsync."""
-    os.makedirs(state_dir, mode=0o755, exist_ok=True)
+    try:
+        os.makedirs(state_dir, mode=0o755, exist_ok=True)
+    except OSError as exc:
+        raise OperationError(f"cannot create the state directory: {exc.strerror}",
+                             where=state_dir) from None
     text = json.dumps(data, indent=2, sort_keys=True) + "\n"
     atomic_write(os.path.join(state_dir, name), text.encode(), 0o644)
 
 
 def remove_record(state_dir: str, name: str) -> None:
+    path = os.path.join(state_dir, name)
     try:
-        os.unlink(os.path.join(state_dir, name))
+        os.unlink(path)
     except FileNotFoundError:
         return
+    except OSError as exc:
+        raise OperationError(f"cannot remove {name}: {exc.strerror}", where=path) from None
     fsync_dir(state_dir)

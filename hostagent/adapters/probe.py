@@ -12,6 +12,7 @@ from typing import Iterable
 
 from hostagent import runner
 from hostagent.adapters.mounts import MountEntry, parse_mountinfo, read_mountinfo, unescape_octal
+from hostagent.aws.volume import FORMATTED_TAG  # a plain module: boto3 is never imported here
 from hostagent.errors import CommandError, OperationError, RefusedError, UsageError
 
 MIB = 1 << 20
@@ -23,7 +24,6 @@ PROBE_TIMEOUT = 60.0
 # can be far slower; a timeout here would leave a half-written filesystem, so be generous.
 MKFS_TIMEOUT = 1800.0
 EXT4_LABEL_MAX_BYTES = 16
-FORMATTED_TAG = "hostagent:formatted"
 SYS_DEV_BLOCK = "/sys/dev/block"
 PROC_SWAPS = "/proc/swaps"
 # Entries of Evidence.mounted_at that are not mount points.
@@ -34,6 +34,8 @@ EXT4_SUPERBLOCK_OFFSET = 1024
 EXT4_MAGIC = b"\x53\xef"  # 0xEF53 little-endian at superblock +56
 EXT4_MAGIC_AT = 56
 EXT4_UUID_AT = 104
+EXT4_MTIME_AT = 44
+EXT4_MNT_COUNT_AT = 52
 EXT4_LABEL_AT = 120
 
 
@@ -58,6 +60,8 @@ class Evidence:
     serial_volume_id: str | None
     expected_volume_id: str | None
     formatted_tag: str | None  # value of the volume's hostagent:formatted tag; None = not tagged
+    # ext2/3/4 only: has the filesystem ever been mounted (superblock mount count/time)?
+    fs_ever_mounted: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -601,6 +605,7 @@ def gather_evidence(
         serial_volume_id=serial_volume_id,
         expected_volume_id=expected_volume_id,
         formatted_tag=formatted_tag,
+        fs_ever_mounted=ext4_ever_mounted(device_path) if blkid_info.get("TYPE") else None,
     )
 
 
@@ -625,6 +630,7 @@ def _recheck_evidence(device_path: str, run) -> Evidence | Decision:
         wipefs_signatures=signatures, wipefs_error=wipefs_error, partitions=(), holders=(),
         mounted_at=(IN_USE_MARK,) if edges.busy else (),
         is_root_disk=False, serial_volume_id=None, expected_volume_id=None, formatted_tag=None,
+        fs_ever_mounted=ext4_ever_mounted(device_path) if blkid_info.get("TYPE") else None,
     )
 
 
@@ -636,7 +642,10 @@ def is_own_interrupted_format(ev: Evidence, intent_uuid: str) -> bool:
         return False
     if ev.blkid_exit == BLKID_NOTHING_FOUND and not ev.wipefs_signatures and not ev.wipefs_error:
         return True
+    # A complete filesystem with our UUID counts only if it was never mounted: once mounted,
+    # CouchDB may have written to it, and an ext4 is reused, never remade.
     return (ev.blkid_exit == 0 and ev.blkid.get("TYPE") == "ext4"
+            and ev.fs_ever_mounted is False
             and not ev.blkid.get("PTTYPE")
             and ev.blkid.get("UUID", "").lower() == intent_uuid.lower()
             and all(sig.split()[0] == "ext4" for sig in ev.wipefs_signatures))
@@ -696,6 +705,34 @@ def read_ext4_superblock(device_path: str) -> tuple[str, str] | None:
     fs_uuid = str(uuidlib.UUID(bytes=sb[EXT4_UUID_AT:EXT4_UUID_AT + 16]))
     label = sb[EXT4_LABEL_AT:EXT4_LABEL_AT + 16].split(b"\0", 1)[0].decode("utf-8", "replace")
     return fs_uuid, label
+
+
+def ext4_ever_mounted(device_path: str) -> bool | None:
+    """From the superblock: s_mnt_count (u16 at +52) and s_mtime (u32 at +44) stay 0 from mkfs
+    until the first mount. None when there is no ext superblock or it cannot be read."""
+    try:
+        fd = os.open(device_path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        sb = _pread_exactly(fd, 1024, EXT4_SUPERBLOCK_OFFSET)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    if len(sb) < 64 or sb[EXT4_MAGIC_AT:EXT4_MAGIC_AT + 2] != EXT4_MAGIC:
+        return None
+    mtime = int.from_bytes(sb[EXT4_MTIME_AT:EXT4_MTIME_AT + 4], "little")
+    mnt_count = int.from_bytes(sb[EXT4_MNT_COUNT_AT:EXT4_MNT_COUNT_AT + 2], "little")
+    return bool(mtime or mnt_count)
+
+
+def devices_with_uuid(fs_uuid: str, run=runner.run) -> list[str]:
+    """Every block device whose filesystem has this UUID, probed afresh (no blkid cache): a
+    volume restored from a snapshot is a twin of the original, and UUID= would pick either."""
+    done = run(["blkid", "-c", "/dev/null", "-o", "device", "-t", f"UUID={fs_uuid}"],
+               timeout=PROBE_TIMEOUT, ok_codes=(0, BLKID_NOTHING_FOUND))
+    return [line.strip() for line in done.stdout.splitlines() if line.strip()]
 
 
 def filesystem_uuid(device_path: str, run=runner.run) -> str | None:

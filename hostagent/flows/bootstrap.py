@@ -85,9 +85,10 @@ def run_phases(b: Bootstrap) -> None:
     phase_device(b)
     if b.device is None:  # dry run: the device appears only after the planned attach
         return
+    mounted_here = preflight_mount(b)  # refusals come before any change to the host
     phase_filesystem(b)
     phase_fstab(b)
-    mounted = phase_mount(b)
+    mounted = phase_mount(b, mounted_here)
     if mounted or not b.dry_run:
         phase_layout(b)
     record_volume(b)
@@ -138,7 +139,7 @@ def phase_device(b: Bootstrap) -> None:
     while True:
         try:
             b.device = find_volume_device(list_block_devices(), volume_id=b.volume_id,
-                                          requested_name=vol_cfg.device_name)
+                                          requested_name=requested_name(b))
             return
         except RefusedError:
             raise
@@ -146,6 +147,14 @@ def phase_device(b: Bootstrap) -> None:
             if time.monotonic() >= deadline:
                 raise
             time.sleep(DEVICE_POLL_SECONDS)
+
+
+def requested_name(b: Bootstrap) -> str:
+    """The name EC2 reports for this instance's attachment (it may differ from the configured
+    device_name: a launch template, a person); the configured one only when EC2 says nothing."""
+    here = getattr(b.identity, "instance_id", None)
+    attachment = b.volume.attachment_of(here) if b.volume is not None and here else None
+    return attachment.device if attachment and attachment.device else b.config.volume.device_name
 
 
 def phase_filesystem(b: Bootstrap) -> None:
@@ -158,9 +167,17 @@ def phase_filesystem(b: Bootstrap) -> None:
         from hostagent.aws.volume import FORMATTED_TAG
 
         formatted_tag = b.volume.tags.get(FORMATTED_TAG)
+    proven_volume_id = identity_volume_id(b)
+    if b.volume_id and proven_volume_id is None:
+        # Reusing the wrong disk is as bad as formatting it: mounting someone else's ext4 here
+        # would report persistence=ready for data that is not this volume's.
+        raise RefusedError(
+            f"cannot prove {dev.path} is {b.volume_id}: it has no NVMe serial naming the volume, "
+            f"and EC2 does not report the volume attached here as {dev.name}", where=dev.path,
+            hint="set volume.device to the disk if you are sure, or check `hostagent devices`")
     evidence = probe.gather_evidence(
         dev.path, size_bytes=dev.size_bytes, partitions=dev.partitions, holders=dev.holders,
-        serial_volume_id=identity_volume_id(b), expected_volume_id=b.volume_id,
+        serial_volume_id=proven_volume_id, expected_volume_id=b.volume_id,
         formatted_tag=formatted_tag)
     decision = probe.decide(evidence)
     intent = state.read_record(cfg.host.state_dir, state.FORMAT_INTENT)
@@ -172,6 +189,7 @@ def phase_filesystem(b: Bootstrap) -> None:
     if decision.action == "refuse":
         raise probe.refusal_error(decision, dev.path, volume_id=b.volume_id)
     if decision.action == "reuse":
+        refuse_uuid_twins(dev, decision.fs_uuid)
         b.fs_uuid = decision.fs_uuid
         label = f", label {decision.fs_label}" if decision.fs_label else ""
         b.add(Step("format", f"mkfs.{cfg.filesystem.type} {dev.path}",
@@ -200,6 +218,25 @@ def phase_filesystem(b: Bootstrap) -> None:
                    f"proven blank: {decision.reason}", run=do_format))
     if b.volume is not None:
         phase_tag_formatted(b, formatted_tag)
+
+
+def refuse_uuid_twins(dev, fs_uuid: str) -> None:
+    """Our fstab line says UUID=…: with two disks carrying that UUID (a volume and a copy made
+    from its snapshot), the mount could take either. Refuse before writing anything."""
+    from hostagent.adapters.mounts import device_major_minor
+    from hostagent.adapters.probe import devices_with_uuid
+
+    twins = []
+    for path in devices_with_uuid(fs_uuid):
+        try:
+            if device_major_minor(path) != dev.major_minor:
+                twins.append(path)
+        except OSError:
+            continue
+    if twins:
+        raise RefusedError(f"{', '.join(twins)} carries the same filesystem UUID {fs_uuid} as "
+                           f"{dev.path}; refusing: UUID= could mount either", where=dev.path,
+                           hint="detach the disk that is not the volume (a copy from a snapshot?)")
 
 
 def identity_volume_id(b: Bootstrap) -> str | None:
@@ -258,13 +295,7 @@ def phase_fstab(b: Bootstrap) -> None:
     from hostagent.adapters import fstab
 
     fs = b.config.filesystem
-    try:
-        with open(fs.fstab, encoding="utf-8", errors="surrogateescape") as f:
-            old = f.read()
-    except FileNotFoundError:
-        old = ""
-    except IsADirectoryError:
-        raise UsageError("filesystem.fstab is a directory", where=fs.fstab) from None
+    old = fstab.read_fstab(fs.fstab)
     if b.fs_uuid is None:  # dry run before mkfs: the UUID is not known yet
         b.add(Step("fstab", f"add UUID=<new> {fs.mount_point} line to {fs.fstab}",
                    "after the format", run=lambda: None))
@@ -274,8 +305,7 @@ def phase_fstab(b: Bootstrap) -> None:
     if new == old:
         b.add(Step("fstab", f"UUID={b.fs_uuid} {fs.mount_point} in {fs.fstab}", "already present"))
         return
-    previous = fstab.find_entry(old, fs.mount_point)
-    why = f"replaces `{previous.spec} {previous.file}`" if previous else "no line for the mount point"
+    why = fstab.describe_fstab_plan(old, entry)
 
     def write() -> str:
         b.wrote_fstab = fstab.write_fstab(fs.fstab, new)
@@ -284,39 +314,62 @@ def phase_fstab(b: Bootstrap) -> None:
     b.add(Step("fstab", f"write UUID={b.fs_uuid} {fs.mount_point} to {fs.fstab}", why, run=write))
 
 
-def phase_mount(b: Bootstrap) -> bool:
+def preflight_mount(b: Bootstrap) -> bool:
+    """Every refusal about the mount point, before anything is changed. True: already mounted."""
+    from hostagent.adapters import mounts
+
+    mp = os.path.normpath(b.config.filesystem.mount_point)
+    table = mounts.read_mountinfo()
+    current = mounts.mount_at(mp, table)
+    if current is not None:
+        if current.major_minor != b.device.major_minor:
+            raise RefusedError(
+                f"{mp} already has {current.source} mounted, not {b.device.path}; refusing to "
+                "mount over it", where=mp,
+                hint=f"check `findmnt {mp}`; unmount it by hand if it is stale")
+        return True
+    for m in mounts.mounts_of_device(b.device.major_minor, table):
+        raise RefusedError(f"{b.device.path} is already mounted at {m.mount_point}; refusing to "
+                           f"mount it at {mp} too", where=b.device.path,
+                           hint=f"umount {m.mount_point}")
+    if os.path.lexists(mp) and not os.path.isdir(mp):
+        raise UsageError("mount point exists and is not a directory", where=mp)
+    return False
+
+
+def phase_mount(b: Bootstrap, mounted_here: bool) -> bool:
     """Mount point, root-disk guard, mount. Returns whether the volume is (or will be) mounted."""
     from hostagent.adapters import mounts
 
     fs = b.config.filesystem
     mp = os.path.normpath(fs.mount_point)
-    current = mounts.mount_at(mp, mounts.read_mountinfo())
-    if current is not None:
-        if current.major_minor != b.device.major_minor:
-            raise RefusedError(
-                f"{mp} already has {current.source} mounted, not {b.device.path}; refusing to "
-                "mount over it", hint=f"check `findmnt {mp}`; unmount it by hand if it is stale")
+    if mounted_here:
         b.add(Step("mount", f"mount {b.device.path} on {mp}", "already mounted"))
         return True
-    for m in mounts.mounts_of_device(b.device.major_minor, mounts.read_mountinfo()):
-        raise RefusedError(f"{b.device.path} is already mounted at {m.mount_point}; refusing to "
-                           f"mount it at {mp} too", hint=f"umount {m.mount_point}")
-    if os.path.lexists(mp) and not os.path.isdir(mp):
-        raise UsageError("mount point exists and is not a directory", where=mp)
     if not os.path.isdir(mp):
         b.add(Step("mount-point", f"mkdir {mp}", "missing",
                    run=lambda: os.makedirs(mp, mode=0o755, exist_ok=True)))
     guard_mount_point(b, mp)
 
     def do_mount() -> str:
+        from hostagent.adapters import fstab
+
         try:
             mounts.mount_from_fstab(mp, fs.fstab)
         except OperationError:
             if b.wrote_fstab:
-                from hostagent.adapters import fstab
-
                 fstab.restore_fstab(fs.fstab)  # never leave a line that fails at the next boot
             raise
+        got = mounts.mount_at(mp, mounts.read_mountinfo())
+        if got is None or got.major_minor != b.device.major_minor:
+            # UUID= resolved to another disk (a twin from a snapshot appeared since the check).
+            mounts.unmount(mp)
+            if b.wrote_fstab:
+                fstab.restore_fstab(fs.fstab)
+            raise RefusedError(f"mounting UUID={b.fs_uuid} gave {got.source if got else 'nothing'}, "
+                               f"not {b.device.path}; unmounted again", where=mp,
+                               hint="two disks carry this filesystem UUID: detach the one that "
+                                    "is not the volume")
         return f"mounted from {fs.fstab}"
 
     b.add(Step("mount", f"mount {b.device.path} on {mp}", "not mounted", run=do_mount))
@@ -337,8 +390,13 @@ def guard_mount_point(b: Bootstrap, mp: str) -> None:
         logging.getLogger(__name__).warning(
             "bare %s is not empty (%s): something wrote to the root disk while the volume was "
             "not mounted; it stays there, hidden under the mount", mp, ", ".join(leftovers[:5]))
-    if mounts.is_immutable(mp):
+    immutable = mounts.is_immutable(mp)
+    if immutable:
         b.add(Step("guard", f"chattr +i {mp}", "bare mount point already immutable"))
+        return
+    if immutable is None:
+        b.add(Step("guard", f"chattr +i {mp}", "this filesystem has no immutable flag; relying "
+                   "on the persistence attribute"))
         return
 
     def set_guard() -> str:

@@ -12,13 +12,12 @@ from hostagent.adapters.blockdev import (
     resolve_explicit_device,
 )
 from hostagent.adapters.mounts import mounts_of_device, read_mountinfo
-from hostagent.adapters.probe import parse_blkid_export
+from hostagent.adapters.probe import BLKID_NOTHING_FOUND, parse_blkid_export
 from hostagent.errors import ConfigError, HostagentError
 from hostagent.report import Report, render_table
 from hostagent.runner import run as default_run
 
 BLKID_TIMEOUT = 15.0
-BLKID_NOTHING_FOUND = 2
 SIZE_UNITS = ("B", "K", "M", "G", "T", "P")
 
 

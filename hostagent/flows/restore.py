@@ -35,6 +35,11 @@ def _tags(raw: Mapping) -> dict[str, str]:
     return {t["Key"]: t.get("Value", "") for t in raw.get("Tags") or ()}
 
 
+def _in_service(volume: Mapping) -> bool:
+    return volume.get("State") == "in-use" or any(
+        a.get("State") != "detached" for a in volume.get("Attachments") or ())
+
+
 @dataclass
 class Retag:
     volume_id: str
@@ -61,7 +66,11 @@ def plan_restore(snapshot: Mapping, *, availability_zone: str, old_volumes: list
     from hostagent.aws.volume import FORMATTED_TAG
 
     snap_id = snapshot["SnapshotId"]
-    here = [v for v in restored_volumes if v.get("AvailabilityZone") == availability_zone]
+    # Only a restored volume not yet put in service is handed back (a rerun, or a rerun after a
+    # crash). Once attached it holds live data: restoring the same snapshot again is a new
+    # rollback, which makes a fresh volume and retags the live one as replaced.
+    here = [v for v in restored_volumes if v.get("AvailabilityZone") == availability_zone
+            and not _in_service(v)]
     if len(here) > 1:
         ids = ", ".join(v["VolumeId"] for v in here)
         raise OperationError(
@@ -70,7 +79,7 @@ def plan_restore(snapshot: Mapping, *, availability_zone: str, old_volumes: list
     reuse = here[0] if here else None
     old = [v for v in old_volumes
            if v["VolumeId"] != (reuse or {}).get("VolumeId")
-           and _tags(v).get(RESTORED_FROM_KEY) != snap_id]
+           and (_tags(v).get(RESTORED_FROM_KEY) != snap_id or _in_service(v))]
     stamp = now.astimezone(timezone.utc)
     date = stamp.strftime("%Y%m%d")
     iso = stamp.isoformat(timespec="seconds")

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 from hostagent.adapters import fstab as fstab_mod
 from hostagent.adapters.layout import inspect_layout, layout_problem
 from hostagent.adapters.mounts import mount_at, read_mountinfo
-from hostagent.errors import EXIT_FAILED, EXIT_OK
+from hostagent.errors import EXIT_FAILED, EXIT_OK, HostagentError
 from hostagent.report import Report, render_table
 from hostagent.state import VOLUME_RECORD, read_record
 
@@ -104,10 +104,9 @@ def _fstab_check(config, mount) -> Check:
 
     fs = config.filesystem
     try:
-        with open(fs.fstab, encoding="utf-8", errors="surrogateescape") as f:
-            text = f.read()
-    except OSError as exc:
-        return Check("fstab", False, f"cannot read {fs.fstab}: {exc.strerror}")
+        text = fstab_mod.read_fstab(fs.fstab)
+    except HostagentError as exc:
+        return Check("fstab", False, str(exc))
     entry = fstab_mod.find_entry(text, fs.mount_point)
     if entry is None:
         return Check("fstab", False, f"no line for {fs.mount_point} in {fs.fstab}: it will not "

@@ -207,16 +207,62 @@ def test_mount_point_that_is_a_file_is_exit_2(setup):
     assert "not a directory" in result.stderr
 
 
-def test_occupied_mount_point_is_refused_with_exit_3(setup, loop_device):
+def test_occupied_mount_point_is_refused_before_anything_changes(setup, loop_device):
+    """The refusal comes first: the blank volume is not formatted, the fstab not touched."""
     dev, paths, config = setup
     other = loop_device("64M", name="other.img")
     sh("mkfs.ext4", "-q", other)
     os.makedirs(paths["mount_point"])
     sh("mount", other, paths["mount_point"])
+    with open(paths["fstab"], "a") as f:
+        f.write(f"{other} {paths['mount_point']} ext4 defaults 0 2\n")
+    fstab = open(paths["fstab"], "rb").read()
+    before = sha256_of_device(dev)
     result = hostagent(config, "bootstrap")
     assert result.returncode == 3, result.stderr
     assert other in result.stderr
     assert sh("findmnt", "-n", "-o", "SOURCE", paths["mount_point"]).stdout.strip() == other
+    assert open(paths["fstab"], "rb").read() == fstab
+    assert sha256_of_device(dev) == before
+
+
+def test_two_disks_with_one_filesystem_uuid_are_refused(setup, loop_device):
+    """A copy of the volume (made from a snapshot) attached too: UUID= could mount either."""
+    dev, paths, config = setup
+    sh("mkfs.ext4", "-q", dev)
+    twin = loop_device("320M", name="twin.img")
+    sh("dd", f"if={dev}", f"of={twin}", "bs=1M", "count=8", "conv=notrunc")
+    assert fs_uuid(twin) == fs_uuid(dev)
+    fstab = open(paths["fstab"], "rb").read()
+    result = hostagent(config, "bootstrap")
+    assert result.returncode == 3, result.stderr
+    assert twin in result.stderr and "same filesystem UUID" in result.stderr
+    assert open(paths["fstab"], "rb").read() == fstab
+    assert not os.path.ismount(paths["mount_point"])
+
+
+def test_stale_format_intent_never_remakes_a_used_filesystem(setup):
+    """A format intent left behind (kill after mkfs, before its removal) next to an ext4 with
+    the intended UUID that has since been mounted and written: reused, never remade."""
+    dev, paths, config = setup
+    assert hostagent(config, "bootstrap").returncode == 0
+    uuid = fs_uuid(dev)
+    with open(os.path.join(paths["mount_point"], "data", "precious.couch"), "w") as f:
+        f.write("data")
+    sh("umount", paths["mount_point"])
+    from hostagent import state
+    from hostagent.adapters.blockdev import list_block_devices, resolve_explicit_device
+
+    info = resolve_explicit_device(dev, list_block_devices())
+    state.write_record(paths["state_dir"], state.FORMAT_INTENT, {
+        "major_minor": info.major_minor, "size_bytes": info.size_bytes, "serial": info.serial,
+        "volume_id": None, "uuid": uuid, "started": "test"})
+    result = hostagent(config, "bootstrap", "--json")
+    assert result.returncode == 0, result.stderr
+    assert steps_by_name(result)["format"] == "skipped"
+    assert fs_uuid(dev) == uuid
+    assert open(os.path.join(paths["mount_point"], "data", "precious.couch")).read() == "data"
+    assert not os.path.exists(os.path.join(paths["state_dir"], state.FORMAT_INTENT))
 
 
 def test_failed_mount_puts_the_previous_fstab_back(setup, loop_device, host_paths):

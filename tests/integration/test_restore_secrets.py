@@ -278,3 +278,22 @@ def test_plan_keeps_type_iops_throughput_and_encryption_of_the_old_volume():
     assert retag.set_tags["Name"] == "couch-data-replaced-20240506"
     assert retag.set_tags["hostagent:replaced:app"] == "gc"
     assert retag.delete_tags == {"app": "gc"}
+
+
+def test_restoring_the_same_snapshot_after_the_volume_went_live_makes_a_fresh_one(cloud, capsys):
+    """Rolling back twice to one snapshot: the first restored volume has been attached and used
+    since, so the second restore must not hand it back as if it were the snapshot's content."""
+    snap = take_snapshot(cloud, capsys)
+    config = cloud.config()
+    assert restore(config, snap) == 0
+    first = json.loads(capsys.readouterr().out)["volume_id"]
+    # The runbook: detach the old volume, bootstrap attaches the restored one, CouchDB writes.
+    cloud.ec2.detach_volume(VolumeId=cloud.volume_id, InstanceId=cloud.instance_id)
+    cloud.ec2.attach_volume(VolumeId=first, InstanceId=cloud.instance_id, Device="/dev/xvdf")
+    assert restore(config, snap) == 0
+    second = json.loads(capsys.readouterr().out)
+    assert second["volume_id"] != first
+    after = volumes(cloud)
+    assert after[first]["State"] == "in-use", "the live volume is kept, never detached"
+    assert after[first]["tags"]["hostagent:replaced-by"] == second["volume_id"]
+    assert find_volume(cloud.ec2, tags={"Name": "couch-data"}).volume_id == second["volume_id"]

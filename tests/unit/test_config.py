@@ -109,3 +109,10 @@ def test_config_path_precedence(monkeypatch):
     monkeypatch.setenv("HOSTAGENT_CONFIG", "/tmp/env.toml")
     assert config_path(None) == "/tmp/env.toml"
     assert config_path("/tmp/flag.toml") == "/tmp/flag.toml"
+
+
+def test_a_bad_couchdb_url_never_echoes_its_credentials():
+    with pytest.raises(ConfigError) as exc:
+        parse_config({"volume": {"device": "/dev/loop7"},
+                      "couchdb": {"url": "admin:s3cret@localhost:5984"}})
+    assert "s3cret" not in str(exc.value) and "couchdb.url" in str(exc.value)

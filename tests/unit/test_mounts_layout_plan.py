@@ -1,4 +1,4 @@
-"""Pure pieces: mountinfo parsing, layout problems, plan statuses, interrupted-format recognition."""
+"""Pure pieces: mountinfo parsing, layout problems, plan statuses."""
 
 import pytest
 

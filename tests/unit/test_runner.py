@@ -46,3 +46,16 @@ def test_arguments_are_never_interpreted_by_a_shell(tmp_path):
     target = tmp_path / "x; touch pwned"
     run(["touch", str(target)])
     assert target.exists() and not (tmp_path / "pwned").exists()
+
+
+def test_lock_and_state_errors_are_one_line_operator_errors(tmp_path):
+    from hostagent import state
+    from hostagent.lock import host_lock
+
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(OperationError, match="cannot open the lock file"):
+        with host_lock(str(blocker / "sub" / "lock")):
+            pass
+    with pytest.raises(OperationError, match="cannot create the state directory"):
+        state.write_record(str(blocker / "state"), "x.json", {})
