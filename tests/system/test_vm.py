@@ -3,12 +3,15 @@ blank NVMe disk whose serial is an EBS volume id, cloud-init reads the shipped u
 NoCloud seed, IMDSv2 (tests/support/imds.py) answers at 169.254.169.254, and EC2/ECS are a moto
 server on this host. Four boots, in order:
 
-  first-launch  new instance A, blank disk: attached in EC2, formatted, fstab by UUID with nofail,
+  first-launch  new instance A, blank volume 'available' in EC2: bootstrap attaches it, and the
+                test hot-plugs the NVMe disk into the running VM at that moment, as EC2 does;
+                formatted, fstab by UUID with nofail,
                 mounted, laid out for uid 5984, verify-mount ok, ECS hostagent.persistence=ready;
                 a marker is written into data/, and one snapshot is taken by the baked unit
   reboot        A again, same root and data disks: mounted from fstab, bootstrap a no-op
   replacement   A terminated; new instance B from the same image (fresh root disk), same data
-                disk: found, attached to B, mounted, marker intact, never reformatted
+                disk (hot-plugged on attach): found, attached to B, mounted, marker intact, never
+                reformatted
   disk-missing  B reboots without the disk, which another instance now holds: B boots anyway,
                 bootstrap refuses, ECS still starts, the agent reports missing, and nothing can
                 be written under the bare /opt/couchdb on the root disk
@@ -212,14 +215,22 @@ def vm(moto_server, request):
     scenarios: dict[str, Scenario] = {}
     handmade_uuid = [None]
 
+    def attached_here(vid: str, instance_id: str):
+        """EC2 plugs the NVMe device in once AttachVolume has attached the volume."""
+        def check() -> bool:
+            return any(a["InstanceId"] == instance_id and a["State"] == "attached"
+                       for a in volume(vid).get("Attachments", []))
+        return check
+
     def run_boot(name, instance_id, root_disk, seed, *, disk=data_disk, vid=volume_id,
-                 with_disk=True, **cmdline):
+                 with_disk=True, hotplug=False, **cmdline):
         imds.instance_id = instance_id
         clear_attributes()
         result = boot(name, image=image, root_disk=root_disk, seed_iso=seed,
                       data_disk=disk if with_disk else None, volume_serial=vid.replace("-", ""),
                       moto_port=int(moto_server.rsplit(":", 1)[1]), imds_port=imds.httpd.server_port,
-                      workdir=workdir, cmdline_extra={"scenario": name, **cmdline})
+                      workdir=workdir, cmdline_extra={"scenario": name, **cmdline},
+                      plug_when=attached_here(vid, instance_id) if hotplug else None)
         snaps = ec2.describe_snapshots(OwnerIds=["self"], Filters=[
             {"Name": "volume-id", "Values": [vid]}])["Snapshots"]
         scenarios[name] = Scenario(name, instance_id, vid, result, volume(vid), blkid_of(disk),
@@ -230,7 +241,9 @@ def vm(moto_server, request):
         a = new_instance()
         root_a = overlay(image.root_img, workdir / "root-a.qcow2")
         seed_a = make_seed(workdir / "seed-a", instance_id=a, shipped_user_data=shipped)
-        run_boot("first-launch", a, root_a, seed_a, marker="write", token=token, snapshot="1")
+        # The volume is 'available' at launch: its disk appears only when bootstrap attaches it.
+        run_boot("first-launch", a, root_a, seed_a, hotplug=True, marker="write", token=token,
+                 snapshot="1")
         run_boot("reboot", a, root_a, seed_a, marker="check", token=token)
 
         # The old instance is terminated (EC2 detaches its data volume); a new one takes over.
@@ -238,7 +251,7 @@ def vm(moto_server, request):
         b = new_instance()
         root_b = overlay(image.root_img, workdir / "root-b.qcow2")
         seed_b = make_seed(workdir / "seed-b", instance_id=b, shipped_user_data=shipped)
-        run_boot("replacement", b, root_b, seed_b, marker="check", token=token)
+        run_boot("replacement", b, root_b, seed_b, hotplug=True, marker="check", token=token)
 
         # Someone moved the volume to another instance C while B rebooted: B has no disk.
         ec2.detach_volume(VolumeId=volume_id, InstanceId=b)
@@ -359,6 +372,7 @@ def test_first_launch_formats_mounts_and_reports_ready(vm):
     uuid = assert_mounted_volume(vm, s)
     steps = journal_steps(bootstrap_journal(s))
     assert steps.get("attach") == "done" and steps.get("format") == "done", bootstrap_journal(s)
+    assert s.boot.plugged_at is not None, "the disk was never plugged: AttachVolume not called"
     assert r["marker"] == {"written": vm.token}
     assert r["files"]["/etc/ecs/ecs.config"].strip() == f"ECS_CLUSTER={CLUSTER}"
     assert "grand-central-persistence" in r["files"]["/etc/hostagent/hostagent.toml"]
@@ -406,6 +420,7 @@ def test_replacement_instance_finds_attaches_and_keeps_the_data(vm):
     assert r["marker"] == {"read": vm.token}
     steps = journal_steps(bootstrap_journal(s))
     assert steps.get("attach") == "done" and steps.get("format") != "done", bootstrap_journal(s)
+    assert s.boot.plugged_at is not None
     assert s.instance_id != first.instance_id
     assert r["ecs"]["arn"] != first.report["ecs"]["arn"]
 

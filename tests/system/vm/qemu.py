@@ -11,6 +11,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from tests.system.vm.image import Image, run, say
 from tests.system.vm.seed import MAC_IMDS, MAC_MAIN, MOTO_GUEST_ADDR, MOTO_GUEST_PORT
@@ -48,6 +49,7 @@ class Boot:
     report: dict | None
     console: Path
     argv: list = field(default_factory=list)
+    plugged_at: float | None = None  # seconds after power-on the disk was hot-plugged
 
 
 def overlay(base: Path, path: Path) -> Path:
@@ -56,10 +58,36 @@ def overlay(base: Path, path: Path) -> Path:
     return path
 
 
+def qmp(socket_path: Path, command: str, arguments: dict) -> dict:
+    """One QMP command on qemu's control socket (greeting, capabilities, command)."""
+    import socket
+
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(10)
+        sock.connect(str(socket_path))
+        stream = sock.makefile("rw")
+        stream.readline()  # greeting
+        for message in ({"execute": "qmp_capabilities"},
+                        {"execute": command, "arguments": arguments}):
+            stream.write(json.dumps(message) + "\n")
+            stream.flush()
+            while True:  # skip asynchronous events until the command's answer
+                answer = json.loads(stream.readline())
+                if "return" in answer or "error" in answer:
+                    break
+        return answer
+
+
 def boot(name: str, *, image: Image, root_disk: Path, seed_iso: Path, data_disk: Path | None,
          volume_serial: str | None, moto_port: int, imds_port: int, workdir: Path,
-         cmdline_extra: dict[str, str], timeout: float = 600) -> Boot:
-    """Boot until the guest powers itself off (vmtest-report.service) or the timeout passes."""
+         cmdline_extra: dict[str, str], timeout: float = 600,
+         plug_when: Callable[[], bool] | None = None) -> Boot:
+    """Boot until the guest powers itself off (vmtest-report.service) or the timeout passes.
+
+    With plug_when, the data disk is not there at power-on: it is hot-plugged (PCI, as EC2
+    plugs an NVMe EBS volume) once plug_when() is true, i.e. once AttachVolume has attached
+    the volume to this instance in moto. Without it, the disk is there from power-on, as for a
+    volume that was already attached when the instance started."""
     accel, cpu = accelerator()
     console = workdir / f"{name}.console.log"
     report_log = workdir / f"{name}.report.log"
@@ -86,26 +114,44 @@ def boot(name: str, *, image: Image, root_disk: Path, seed_iso: Path, data_disk:
                    f"guestfwd=tcp:169.254.169.254:80-cmd:{relay_command(imds_port)}",
         "-device", f"virtio-net-pci,netdev=n1,mac={MAC_IMDS},romfile=",
     ]
+    nvme = {"driver": "nvme", "id": "ebs", "serial": volume_serial, "drive": "data"}
+    control = workdir / f"{name}.qmp"
+    control.unlink(missing_ok=True)
     if data_disk is not None:
-        argv += ["-drive", f"file={data_disk},if=none,id=data,format=raw",
-                 "-device", f"nvme,serial={volume_serial},drive=data"]
+        argv += ["-drive", f"file={data_disk},if=none,id=data,format=raw"]
+        if plug_when is None:
+            argv += ["-device", f"nvme,id=ebs,serial={volume_serial},drive=data"]
+        else:
+            argv += ["-qmp", f"unix:{control},server=on,wait=off"]
     argv = [str(a) for a in argv]
+    qemu_log = workdir / f"{name}.qemu.log"
     started = time.monotonic()
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL, text=True)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, _ = proc.communicate()
-        out += f"\n[vm] killed after {timeout:.0f} s"
+    plugged_at = None
+    with open(qemu_log, "w") as log:
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL)
+        try:
+            while proc.poll() is None:
+                if time.monotonic() - started > timeout:
+                    proc.kill()
+                    log.write(f"\n[vm] killed after {timeout:.0f} s\n")
+                    break
+                if data_disk is not None and plug_when and plugged_at is None and plug_when():
+                    answer = qmp(control, "device_add", nvme)
+                    plugged_at = time.monotonic() - started
+                    log.write(f"[vm] NVMe disk hot-plugged at {plugged_at:.0f} s: {answer}\n")
+                time.sleep(1)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
     seconds = time.monotonic() - started
-    (workdir / f"{name}.qemu.log").write_text(out or "")
     report = parse_report(report_log)
-    say(f"boot {name}: {seconds:.0f} s to power-off ({accel}); "
+    plug = f", disk hot-plugged {plugged_at:.0f} s after power-on" if plugged_at else ""
+    say(f"boot {name}: {seconds:.0f} s to power-off ({accel}{plug}); "
         + (f"guest uptime at report {report.get('report_finished', '?')} s" if report else
            f"NO REPORT (qemu exit {proc.returncode}; console {console})"))
-    return Boot(name, seconds, proc.returncode, report, console, argv)
+    return Boot(name, seconds, proc.returncode, report, console, argv, plugged_at)
 
 
 def parse_report(path: Path) -> dict | None:
