@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
 from dataclasses import dataclass
 from typing import Iterable
 
+from hostagent.errors import OperationError
 from hostagent.runner import run as default_run
 
 MOUNTINFO = "/proc/self/mountinfo"
@@ -113,3 +116,38 @@ def is_immutable(path: str) -> bool | None:
 
 def set_immutable(path: str, immutable: bool, run=default_run) -> None:
     run(["chattr", "+i" if immutable else "-i", path], timeout=10)
+
+
+def parent_mount(path: str, entries: Iterable[MountEntry]) -> MountEntry | None:
+    """The mount holding `path` itself (not a mount *on* path): the longest prefix strictly above."""
+    path = os.path.normpath(path)
+    best = None
+    for entry in entries:
+        mp = entry.mount_point
+        if mp == path:
+            continue
+        if path.startswith(mp.rstrip("/") + "/") and (best is None or len(mp) >= len(best.mount_point)):
+            best = entry
+    return best
+
+
+@contextlib.contextmanager
+def bare_directory(mount_point: str, run=default_run, scratch_dir: str = "/run"):
+    """Yield a path to the directory *underneath* what is mounted on mount_point.
+
+    A non-recursive bind mount of the parent filesystem shows it without its submounts, so the
+    bare directory can be inspected or chattr'ed while the volume stays mounted (a host whose
+    volume systemd mounted from fstab before bootstrap ran).
+    """
+    parent = parent_mount(mount_point, read_mountinfo())
+    if parent is None:
+        raise OperationError(f"no filesystem found under {mount_point}", where=mount_point)
+    view = tempfile.mkdtemp(prefix="hostagent-bare.", dir=scratch_dir)
+    try:
+        run(["mount", "--bind", parent.mount_point, view], timeout=MOUNT_TIMEOUT)
+        try:
+            yield os.path.join(view, os.path.relpath(os.path.normpath(mount_point), parent.mount_point))
+        finally:
+            run(["umount", view], timeout=MOUNT_TIMEOUT)
+    finally:
+        os.rmdir(view)

@@ -344,6 +344,7 @@ def phase_mount(b: Bootstrap, mounted_here: bool) -> bool:
     fs = b.config.filesystem
     mp = os.path.normpath(fs.mount_point)
     if mounted_here:
+        guard_under_mount(b, mp)
         b.add(Step("mount", f"mount {b.device.path} on {mp}", "already mounted"))
         return True
     if not os.path.isdir(mp):
@@ -376,6 +377,42 @@ def phase_mount(b: Bootstrap, mounted_here: bool) -> bool:
     return True
 
 
+def guard_under_mount(b: Bootstrap, mp: str) -> None:
+    """The guard for a volume mounted before bootstrap ran (systemd from fstab, or by hand):
+    reach the bare directory through a bind mount of the filesystem beneath it."""
+    from hostagent.adapters import mounts
+
+    with mounts.bare_directory(mp) as bare:
+        immutable = mounts.is_immutable(bare)
+        warn_leftovers(bare, mp)
+    if immutable:
+        b.add(Step("guard", f"chattr +i {mp} (underneath the mount)", "already immutable"))
+        return
+    if immutable is None:
+        b.add(Step("guard", f"chattr +i {mp} (underneath the mount)", "this filesystem has no "
+                   "immutable flag; relying on the persistence attribute"))
+        return
+
+    def set_guard() -> str:
+        with mounts.bare_directory(mp) as bare:
+            mounts.set_immutable(bare, True)
+        return "immutable underneath the mount"
+
+    b.add(Step("guard", f"chattr +i {mp} (underneath the mount)",
+               "the volume was mounted before bootstrap ran; if it is ever missing, nothing "
+               "may write CouchDB data to the root disk", run=set_guard))
+
+
+def warn_leftovers(bare: str, mp: str) -> None:
+    leftovers = sorted(os.listdir(bare))
+    if leftovers:
+        import logging
+
+        logging.getLogger(__name__).warning(
+            "bare %s is not empty (%s): something wrote to the root disk while the volume was "
+            "not mounted; it stays there, hidden under the mount", mp, ", ".join(leftovers[:5]))
+
+
 def guard_mount_point(b: Bootstrap, mp: str) -> None:
     """Keep the bare mount point immutable so nothing (Docker…) writes CouchDB data to the root disk."""
     from hostagent.adapters import mounts
@@ -383,13 +420,7 @@ def guard_mount_point(b: Bootstrap, mp: str) -> None:
     if not os.path.isdir(mp):  # dry run: created by the planned mkdir
         b.add(Step("guard", f"chattr +i {mp}", "bare mount point", run=lambda: None))
         return
-    leftovers = sorted(os.listdir(mp))
-    if leftovers:
-        import logging
-
-        logging.getLogger(__name__).warning(
-            "bare %s is not empty (%s): something wrote to the root disk while the volume was "
-            "not mounted; it stays there, hidden under the mount", mp, ", ".join(leftovers[:5]))
+    warn_leftovers(mp, mp)
     immutable = mounts.is_immutable(mp)
     if immutable:
         b.add(Step("guard", f"chattr +i {mp}", "bare mount point already immutable"))

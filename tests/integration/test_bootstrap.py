@@ -162,6 +162,28 @@ def test_hand_made_volume_and_fstab_line_by_device_name_are_upgraded(setup):
     assert os.path.exists(paths["fstab"] + ".hostagent.bak")
 
 
+def test_volume_mounted_before_bootstrap_gets_the_guard_underneath(setup):
+    """systemd mounted the volume from fstab before bootstrap ran (every boot of a hand-made
+    host): the bare directory under the mount is still made immutable, without unmounting."""
+    dev, paths, config = setup
+    mp = paths["mount_point"]
+    sh("mkfs.ext4", "-q", dev)
+    os.makedirs(mp)
+    sh("mount", dev, mp)
+    result = hostagent(config, "bootstrap", "--json")
+    assert result.returncode == 0, result.stderr
+    status = steps_by_name(result)
+    assert status["guard"] == "done" and status["mount"] == "skipped"
+    assert sh("findmnt", "-n", "-o", "SOURCE", mp).stdout.strip() == dev, "never unmounted"
+    sh("umount", mp)
+    with pytest.raises(PermissionError):
+        os.mkdir(os.path.join(mp, "data"))
+    assert sh("findmnt", "-rn", "-o", "TARGET", check=False).stdout.count("hostagent-bare.") == 0
+    sh("mount", dev, mp)
+    again = hostagent(config, "bootstrap", "--json")
+    assert set(steps_by_name(again).values()) == {"skipped"}
+
+
 def test_foreign_filesystem_is_refused_with_exit_3_and_untouched(setup):
     dev, paths, config = setup
     need_tool("mkfs.xfs", "xfsprogs")
