@@ -18,7 +18,7 @@ server on this host. Four boots, in order:
   handmade-upgrade  the seed's hand-made host: an ext4 volume made by hand, mounted by an
                 fstab line naming the device, hostagent installed later: the line becomes a
                 UUID line, the data stays, the layout is fixed; then the README's maintenance
-                step (umount, `hostagent bootstrap`) puts the root-disk guard in place
+                step (umount, `hostagent bootstrap`) finds the root-disk guard already in place
 
 The guest reports through a test-only unit that writes JSON to its second serial port and
 powers off. Hand-written stand-ins (no real one can run here): the IMDS server and the ECS agent
@@ -456,15 +456,18 @@ def test_handmade_host_upgrade_keeps_the_data_and_rewrites_fstab(vm):
     steps = journal_steps(bootstrap_journal(s))
     assert steps.get("format") == "skipped" and steps.get("fstab") == "done", bootstrap_journal(s)
     assert steps.get("mount") == "skipped", bootstrap_journal(s)
+    # The root-disk guard goes in underneath the mounted volume, with no downtime.
+    assert steps.get("guard") == "done", bootstrap_journal(s)
     runbook = r["runbook"]
     assert runbook["fstab_before"].count("/opt/couchdb") == 1
     assert "/dev/nvme0n1" not in runbook["fstab_before"], "the device-name line was not replaced"
     assert HANDMADE_FSTAB_LINE in r["files"]["/etc/fstab.hostagent.bak"]
-    # The maintenance step of the runbook: umount, bootstrap (guard, then mount by UUID).
+    # Unmounted (as if the disk were gone): the bare directory is already guarded, and a
+    # bootstrap mounts the volume by its UUID line.
     assert runbook["umount"]["rc"] == 0, runbook
     assert runbook["bootstrap"]["rc"] == 0, runbook["bootstrap"]
     done = {st["name"]: st["status"] for st in json.loads(runbook["bootstrap"]["out"])["steps"]}
-    assert done.get("guard") == "done" and done.get("mount") == "done", done
+    assert done.get("guard") == "skipped" and done.get("mount") == "done", done
     uuid = assert_mounted_volume(vm, s)
     assert uuid == vm.handmade_uuid, "the hand-made filesystem was remade"
     assert r["marker"] == {"read": r["cmdline"]["token"]}
