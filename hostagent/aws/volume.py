@@ -16,6 +16,10 @@ from typing import Any, Callable, Mapping
 from hostagent.errors import ConfigError, OperationError, RefusedError
 
 FORMATTED_TAG = "hostagent:formatted"
+RESTORED_FROM_TAG = "hostagent:restored-from"  # set by `hostagent restore` on the new volume
+# Set by bootstrap the first time it puts a restored volume to use: from then on it holds live
+# data, and restoring the same snapshot again must make a fresh volume, not hand this one back.
+IN_SERVICE_TAG = "hostagent:in-service"
 
 ATTACHED_HERE = "attached-here"
 ATTACH = "attach"
@@ -226,13 +230,18 @@ def attach_volume(ec2, identity: Identity, volume: VolumeInfo, device_name: str,
 
 def tag_formatted(ec2, volume_id: str, when: datetime) -> None:
     """Mark the volume as formatted by hostagent: a later blank-looking device is then suspect."""
+    tag_time(ec2, volume_id, FORMATTED_TAG, when)
+
+
+def tag_time(ec2, volume_id: str, key: str, when: datetime) -> None:
+    """Set one hostagent tag whose value is a UTC time."""
     from hostagent.aws.errors import aws_call
 
     if when.tzinfo is None:
-        raise ValueError("tag_formatted needs an aware datetime")
+        raise ValueError("tag times need an aware datetime")
     stamp = when.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     with aws_call("ec2:CreateTags", where=volume_id):
-        ec2.create_tags(Resources=[volume_id], Tags=[{"Key": FORMATTED_TAG, "Value": stamp}])
+        ec2.create_tags(Resources=[volume_id], Tags=[{"Key": key, "Value": stamp}])
 
 
 def is_formatted(volume: VolumeInfo) -> bool:

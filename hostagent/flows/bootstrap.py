@@ -218,6 +218,7 @@ def phase_filesystem(b: Bootstrap) -> None:
                    f"proven blank: {decision.reason}", run=do_format))
     if b.volume is not None:
         phase_tag_formatted(b, formatted_tag)
+        phase_tag_in_service(b)
 
 
 def refuse_uuid_twins(dev, fs_uuid: str) -> None:
@@ -289,6 +290,20 @@ def phase_tag_formatted(b: Bootstrap, formatted_tag: str | None) -> None:
 
     b.add(Step("tag-volume", f"tag {b.volume_id} {FORMATTED_TAG}=<now>",
                "the volume now holds our filesystem: it must never look blank again", run=tag))
+
+
+def phase_tag_in_service(b: Bootstrap) -> None:
+    """A volume made by `hostagent restore` holds live data from its first bootstrap on."""
+    from hostagent.aws.volume import IN_SERVICE_TAG, RESTORED_FROM_TAG, tag_time
+
+    tags = b.volume.tags
+    if RESTORED_FROM_TAG not in tags or IN_SERVICE_TAG in tags:
+        return
+    b.add(Step("tag-in-service", f"tag {b.volume_id} {IN_SERVICE_TAG}=<now>",
+               f"restored from {tags[RESTORED_FROM_TAG]} and now put to use: a later restore of "
+               "that snapshot must make a fresh volume",
+               run=lambda: tag_time(b.aws.ec2, b.volume_id, IN_SERVICE_TAG,
+                                    datetime.now(timezone.utc)) or "tagged"))
 
 
 def phase_fstab(b: Bootstrap) -> None:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Mapping
 
+from hostagent.aws.volume import IN_SERVICE_TAG, RESTORED_FROM_TAG as RESTORED_FROM_KEY
 from hostagent.errors import OperationError, UsageError
 from hostagent.plan import Step, apply_steps, render_steps, skipped
 from hostagent.report import Report
@@ -21,7 +22,6 @@ from hostagent.report import Report
 log = logging.getLogger(__name__)
 
 SNAPSHOT_ID_RE = re.compile(r"^snap-([0-9a-f]{8}|[0-9a-f]{17})$")
-RESTORED_FROM_KEY = "hostagent:restored-from"
 RESTORED_AT_KEY = "hostagent:restored-at"
 REPLACED_BY_KEY = "hostagent:replaced-by"
 REPLACED_AT_KEY = "hostagent:replaced-at"
@@ -36,7 +36,8 @@ def _tags(raw: Mapping) -> dict[str, str]:
 
 
 def _in_service(volume: Mapping) -> bool:
-    return volume.get("State") == "in-use" or any(
+    """Attached now, or put to use by a bootstrap since (and perhaps detached again)."""
+    return volume.get("State") == "in-use" or IN_SERVICE_TAG in _tags(volume) or any(
         a.get("State") != "detached" for a in volume.get("Attachments") or ())
 
 

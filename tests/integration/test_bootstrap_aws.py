@@ -118,3 +118,20 @@ def test_dry_run_makes_no_aws_change(cloud, loop_device, host_paths):
     assert status["attach"] == "planned" and status["device"] == "planned"
     assert volume(ec2, vol)["Attachments"] == []
     assert sh("blkid", "-p", dev, check=False).returncode == 2  # still nothing on it
+
+
+def test_first_bootstrap_of_a_restored_volume_marks_it_in_service(cloud, loop_device, host_paths):
+    need_root()
+    ec2, me, vol, _ = cloud
+    ec2.create_tags(Resources=[vol], Tags=[{"Key": "hostagent:restored-from", "Value": "snap-0123456789abcdef0"},
+                                           {"Key": "hostagent:formatted", "Value": "2026-01-01T00:00:00Z"}])
+    dev = loop_device("128M")
+    sh("mkfs.ext4", "-q", dev)  # the snapshot's filesystem
+    config = aws_config(host_paths, dev)
+    first = hostagent(config, "bootstrap", "--json")
+    assert first.returncode == 0, first.stderr
+    assert steps_by_name(first)["tag-in-service"] == "done"
+    tags = {t["Key"]: t["Value"] for t in volume(ec2, vol)["Tags"]}
+    assert tags["hostagent:in-service"].endswith("Z")
+    second = hostagent(config, "bootstrap", "--json")
+    assert "tag-in-service" not in steps_by_name(second)

@@ -297,3 +297,19 @@ def test_restoring_the_same_snapshot_after_the_volume_went_live_makes_a_fresh_on
     assert after[first]["State"] == "in-use", "the live volume is kept, never detached"
     assert after[first]["tags"]["hostagent:replaced-by"] == second["volume_id"]
     assert find_volume(cloud.ec2, tags={"Name": "couch-data"}).volume_id == second["volume_id"]
+
+
+def test_a_restored_volume_used_then_detached_is_not_handed_back(cloud, capsys):
+    """Bootstrap marks a restored volume in service; detached again later (state available),
+    it still holds live data, so a repeated restore of that snapshot makes a fresh volume."""
+    snap = take_snapshot(cloud, capsys)
+    config = cloud.config()
+    assert restore(config, snap) == 0
+    first = json.loads(capsys.readouterr().out)["volume_id"]
+    cloud.ec2.create_tags(Resources=[first], Tags=[{"Key": "hostagent:in-service",
+                                                    "Value": "2026-11-25T00:00:00Z"}])
+    assert volumes(cloud)[first]["State"] == "available"
+    assert restore(config, snap) == 0
+    second = json.loads(capsys.readouterr().out)["volume_id"]
+    assert second != first
+    assert find_volume(cloud.ec2, tags={"Name": "couch-data"}).volume_id == second
