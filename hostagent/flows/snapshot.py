@@ -119,21 +119,26 @@ def copy_missing(aws, config, volume_id: str, *, now: datetime) -> list[str]:
     return copies
 
 
-def _mounted_volume_id(mount_point: str) -> str | None:
-    """The EBS volume id of the disk mounted at mount_point, from its NVMe serial; None if unknown."""
+def _mounted_volume_id(config) -> str | None:
+    """The EBS volume id of the disk mounted at the mount point: from its NVMe serial, or (a
+    Xen disk has none) from what bootstrap recorded for that very device; None if unknown."""
     from hostagent.adapters.blockdev import list_block_devices
     from hostagent.adapters.mounts import mount_at, read_mountinfo
+    from hostagent.state import VOLUME_RECORD, read_record
 
-    entry = mount_at(mount_point, read_mountinfo())
+    entry = mount_at(config.filesystem.mount_point, read_mountinfo())
     if entry is None:
         return None
     try:
         devices = list_block_devices()
     except HostagentError:
-        return None
+        devices = []
     for dev in devices:
-        if dev.major_minor == entry.major_minor:
+        if dev.major_minor == entry.major_minor and dev.volume_id:
             return dev.volume_id
+    record = read_record(config.host.state_dir, VOLUME_RECORD) or {}
+    if record.get("major_minor") == entry.major_minor:
+        return record.get("volume_id")
     return None
 
 
@@ -148,7 +153,7 @@ def check_frozen_is_the_volume(config, volume, identity) -> None:
             where=volume.describe(),
             hint="run `hostagent snapshot` on the instance that has the volume, or set "
                  "snapshot.freeze = false for a crash-consistent snapshot")
-    mounted = _mounted_volume_id(mp)
+    mounted = _mounted_volume_id(config)
     if mounted and mounted != volume.volume_id:
         raise RefusedError(
             f"{mp} holds {mounted}, not the configured volume {volume.volume_id}; "

@@ -335,3 +335,21 @@ def test_no_fsfreeze_on_the_host_is_an_error_not_a_silent_unfrozen_snapshot(monk
             pytest.fail("must not get here")
     assert info.value.exit_code == 1
     assert "fsfreeze not found" in str(info.value) and "freeze = false" in info.value.hint
+
+
+def test_serial_less_disk_recorded_as_another_volume_is_refused(cloud, ext4, capsys):
+    """A Xen disk (or a loop device) has no NVMe serial: bootstrap's record of which volume it
+    mounted there is the evidence, and a disk recorded as another volume is never frozen."""
+    from hostagent.adapters.mounts import mount_at, read_mountinfo
+    from hostagent.state import VOLUME_RECORD, write_record
+
+    config = frozen_config(cloud, ext4)
+    state_dir = os.path.join(cloud.tmp, "state")
+    mounted = mount_at(ext4, read_mountinfo())
+    write_record(state_dir, VOLUME_RECORD, {"volume_id": "vol-0fffffffffffffff0",
+                                            "major_minor": mounted.major_minor})
+    assert main(["--config", config, "snapshot"]) == 3
+    err = capsys.readouterr().err
+    assert "vol-0fffffffffffffff0" in err and cloud.volume_id in err
+    assert cloud.snapshots() == []
+    assert not is_frozen(ext4)
