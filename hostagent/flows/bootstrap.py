@@ -392,6 +392,25 @@ def phase_mount(b: Bootstrap, mounted_here: bool) -> bool:
     return True
 
 
+NO_IMMUTABLE_FLAG = "this filesystem has no immutable flag; relying on the persistence attribute"
+
+
+def add_guard_step(b: Bootstrap, action: str, immutable: bool | None, why: str, set_guard) -> None:
+    if immutable:
+        b.add(Step("guard", action, "already immutable"))
+    elif immutable is None:
+        b.add(Step("guard", action, NO_IMMUTABLE_FLAG))
+    else:
+        def apply() -> str:
+            try:
+                set_guard()
+            except OperationError as exc:
+                return f"not supported here ({exc}); relying on the persistence attribute"
+            return "immutable while unmounted"
+
+        b.add(Step("guard", action, why, run=apply))
+
+
 def guard_under_mount(b: Bootstrap, mp: str) -> None:
     """The guard for a volume mounted before bootstrap ran (systemd from fstab, or by hand):
     reach the bare directory through a bind mount of the filesystem beneath it."""
@@ -400,32 +419,14 @@ def guard_under_mount(b: Bootstrap, mp: str) -> None:
     with mounts.bare_directory(mp) as bare:
         immutable = mounts.is_immutable(bare)
         warn_leftovers(bare, mp)
-    if immutable:
-        b.add(Step("guard", f"chattr +i {mp} (underneath the mount)", "already immutable"))
-        return
-    if immutable is None:
-        b.add(Step("guard", f"chattr +i {mp} (underneath the mount)", "this filesystem has no "
-                   "immutable flag; relying on the persistence attribute"))
-        return
 
-    def set_guard() -> str:
+    def set_guard() -> None:
         with mounts.bare_directory(mp) as bare:
             mounts.set_immutable(bare, True)
-        return "immutable underneath the mount"
 
-    b.add(Step("guard", f"chattr +i {mp} (underneath the mount)",
-               "the volume was mounted before bootstrap ran; if it is ever missing, nothing "
-               "may write CouchDB data to the root disk", run=set_guard))
-
-
-def warn_leftovers(bare: str, mp: str) -> None:
-    leftovers = sorted(os.listdir(bare))
-    if leftovers:
-        import logging
-
-        logging.getLogger(__name__).warning(
-            "bare %s is not empty (%s): something wrote to the root disk while the volume was "
-            "not mounted; it stays there, hidden under the mount", mp, ", ".join(leftovers[:5]))
+    add_guard_step(b, f"chattr +i {mp} (underneath the mount)", immutable,
+                   "the volume was mounted before bootstrap ran; if it is ever missing, nothing "
+                   "may write CouchDB data to the root disk", set_guard)
 
 
 def guard_mount_point(b: Bootstrap, mp: str) -> None:
@@ -436,24 +437,19 @@ def guard_mount_point(b: Bootstrap, mp: str) -> None:
         b.add(Step("guard", f"chattr +i {mp}", "bare mount point", run=lambda: None))
         return
     warn_leftovers(mp, mp)
-    immutable = mounts.is_immutable(mp)
-    if immutable:
-        b.add(Step("guard", f"chattr +i {mp}", "bare mount point already immutable"))
-        return
-    if immutable is None:
-        b.add(Step("guard", f"chattr +i {mp}", "this filesystem has no immutable flag; relying "
-                   "on the persistence attribute"))
-        return
+    add_guard_step(b, f"chattr +i {mp}", mounts.is_immutable(mp),
+                   "Docker must not create data/ on the root disk",
+                   lambda: mounts.set_immutable(mp, True))
 
-    def set_guard() -> str:
-        try:
-            mounts.set_immutable(mp, True)
-        except OperationError as exc:
-            return f"not supported here ({exc}); relying on the persistence attribute"
-        return "immutable while unmounted"
 
-    b.add(Step("guard", f"chattr +i {mp}", "Docker must not create data/ on the root disk",
-               run=set_guard))
+def warn_leftovers(bare: str, mp: str) -> None:
+    leftovers = sorted(os.listdir(bare))
+    if leftovers:
+        import logging
+
+        logging.getLogger(__name__).warning(
+            "bare %s is not empty (%s): something wrote to the root disk while the volume was "
+            "not mounted; it stays there, hidden under the mount", mp, ", ".join(leftovers[:5]))
 
 
 def phase_layout(b: Bootstrap) -> None:
