@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import json
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
+
+from tests.support.loopback import LoopbackServer
 
 
-class CouchUpServer:
+class CouchUpServer(LoopbackServer):
     def __init__(self, states=("ok",), host="127.0.0.1", port=0):
         self.states = list(states)  # consumed one per /_up request; the last one repeats
         self.lock = threading.Lock()
@@ -46,22 +48,12 @@ class CouchUpServer:
                     return self._json(200, {"couchdb": "Welcome", "version": "3.3.3"})
                 return self._json(404, {"error": "not_found", "reason": "missing"})
 
-        self.httpd = ThreadingHTTPServer((host, port), Handler)
-        self.httpd.daemon_threads = True
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.serve(Handler, host, port)
 
     @property
     def url(self) -> str:
-        host, port = self.httpd.server_address[:2]
-        return f"http://{host}:{port}"
+        return self.base_url
 
     def up_requests(self) -> int:
         return sum(1 for path, _ in self.requests if path == "/_up")
 
-    def start(self) -> "CouchUpServer":
-        self.thread.start()
-        return self
-
-    def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()

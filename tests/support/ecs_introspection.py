@@ -8,11 +8,12 @@ with ContainerInstanceArn null until the test "registers" it.
 from __future__ import annotations
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
+
+from tests.support.loopback import LoopbackServer
 
 
-class IntrospectionServer:
+class IntrospectionServer(LoopbackServer):
     def __init__(self, cluster="default", arn=None, host="127.0.0.1", port=0):
         self.cluster = cluster
         self.arn = arn  # None until registered, as the real agent reports
@@ -40,25 +41,15 @@ class IntrospectionServer:
                 self.end_headers()
                 self.wfile.write(body)
 
-        self.httpd = ThreadingHTTPServer((host, port), Handler)
-        self.httpd.daemon_threads = True
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.serve(Handler, host, port)
 
     @property
     def url(self) -> str:
-        host, port = self.httpd.server_address[:2]
-        return f"http://{host}:{port}/v1/metadata"
+        return f"{self.base_url}/v1/metadata"
 
     def register(self, arn: str) -> None:
         self.arn = arn
 
-    def start(self) -> "IntrospectionServer":
-        self.thread.start()
-        return self
-
-    def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 if __name__ == "__main__":  # python -m tests.support.ecs_introspection PORT CLUSTER ARN

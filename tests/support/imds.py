@@ -8,27 +8,17 @@ from __future__ import annotations
 
 import json
 import secrets
-import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
+
+from tests.support.loopback import LoopbackServer
 
 TOKEN_PATH = "/latest/api/token"
 TTL_HEADER = "X-aws-ec2-metadata-token-ttl-seconds"
 TOKEN_HEADER = "X-aws-ec2-metadata-token"
 
 
-class _QuietServer(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def handle_error(self, request, client_address):
-        # Clients that time out on purpose (the hop-limit tests) close before our answer arrives.
-        if isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
-            return
-        super().handle_error(request, client_address)
-
-
-class IMDSServer:
+class IMDSServer(LoopbackServer):
     def __init__(self, instance_id="i-0123456789abcdef0", region="us-east-1",
                  availability_zone=None, host="127.0.0.1", port=0):
         self.instance_id = instance_id
@@ -97,10 +87,7 @@ class IMDSServer:
                 ctype = "application/json" if body.startswith("{") else "text/plain"
                 self._send(200, body.encode(), ctype)
 
-        self.httpd = _QuietServer((host, port), Handler)
-        # A short poll interval makes stop() (shutdown) return in ~50 ms instead of 0.5 s.
-        self.thread = threading.Thread(target=self.httpd.serve_forever,
-                                       kwargs={"poll_interval": 0.05}, daemon=True)
+        self.serve(Handler, host, port)
 
     def answer(self, path: str) -> str | None:
         doc = {
@@ -119,19 +106,11 @@ class IMDSServer:
 
     @property
     def url(self) -> str:
-        host, port = self.httpd.server_address[:2]
-        return f"http://{host}:{port}"
+        return self.base_url
 
     def expire_tokens(self) -> None:
         self.tokens.clear()
 
-    def start(self) -> "IMDSServer":
-        self.thread.start()
-        return self
-
-    def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 if __name__ == "__main__":  # used by the VM test: python -m tests.support.imds PORT INSTANCE AZ
