@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from hostagent import __version__
-from hostagent.errors import EXIT_USAGE, HostagentError
+from hostagent.errors import EXIT_USAGE, HostagentError, InternalError, host_error
 
 # command -> (module:function, help). Flow modules are imported only for the command that runs,
 # so `hostagent --help` and `verify-mount` never pay for boto3 or requests.
@@ -141,14 +141,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         flow = getattr(importlib.import_module(module_name), func_name)
         report = flow(ctx, args)
+        rendered = json.dumps(report.to_json(), indent=2, default=str) if as_json else report.text
     except HostagentError as exc:
         print_error(exc, as_json=as_json)
         return exc.exit_code
     except KeyboardInterrupt:
         print("hostagent: interrupted", file=sys.stderr)
         return 130
-    if as_json:
-        print(json.dumps(report.to_json(), indent=2, default=str))
-    elif report.text:
-        print(report.text)
+    except Exception as exc:  # the last resort: one line, never a traceback unless -vv
+        if ctx.verbose >= 2:
+            log.exception("traceback of the error below:")
+        # An OSError that got this far (EROFS, ENOSPC, EPERM…) is the host failing, not a bug.
+        error = host_error(exc) if isinstance(exc, OSError) else InternalError.from_exception(exc)
+        print_error(error, as_json=as_json)
+        return error.exit_code
+    if rendered:
+        print(rendered)
     return report.code

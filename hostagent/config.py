@@ -1,9 +1,10 @@
-"""Load /etc/hostagent/hostagent.toml into typed, frozen objects; unknown keys and bad types are errors."""
+"""Load /etc/hostagent/hostagent.toml into typed, frozen objects; every key and value is checked here, at load."""
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import posixpath
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -13,14 +14,32 @@ import collections.abc
 import typing
 from typing import Any, Mapping
 
+from hostagent.aws.ecs_attributes import check_prefix
 from hostagent.errors import ConfigError
 
 DEFAULT_CONFIG_PATH = "/etc/hostagent/hostagent.toml"
 CONFIG_ENV = "HOSTAGENT_CONFIG"
 
 VOLUME_ID_RE = re.compile(r"^vol-[0-9a-f]{8}([0-9a-f]{9})?$")
-S3_URL_RE = re.compile(r"^s3://[^/]+/.+")
+# Bucket names as S3 has allowed them, legacy us-east-1 ones included (capitals, underscores).
+S3_URL_RE = re.compile(r"s3://(?P<bucket>[A-Za-z0-9][A-Za-z0-9._-]{1,254})/(?P<key>.+)")
+DEVICE_NAME_RE = re.compile(r"/dev/[a-z][a-z0-9]{1,15}")  # what AttachVolume takes: /dev/xvdf, /dev/sdf
+REGION_RE = re.compile(r"[a-z]{2}(-[a-z]+)+-[0-9]{1,2}")  # eu-west-1, us-gov-west-1, ap-southeast-5
+LABEL_RE = re.compile(r"[A-Za-z0-9_.+@:][A-Za-z0-9_.+@:-]*")
+CLOUDWATCH_NAMESPACE_RE = re.compile(r"[A-Za-z0-9._/#:-]{1,255}")
+MAX_ID = 4294967294  # uid/gid: 4294967295 is (uid_t)-1, which chown reads as "leave unchanged"
 FS_TYPES = ("ext4",)
+# Never a mount point, nor a parent of one: mounting there would hide what the OS needs, and the
+# root-disk guard would make it immutable.
+SYSTEM_DIRECTORIES = (
+    "/bin", "/boot", "/dev", "/etc", "/home", "/lib", "/lib32", "/lib64", "/libx32", "/media",
+    "/mnt", "/opt", "/proc", "/root", "/run", "/sbin", "/srv", "/sys", "/tmp", "/usr", "/var",
+    "/usr/local", "/var/lib", "/var/log", "/var/cache", "/var/tmp", "/var/spool",
+    "/var/lib/docker", "/var/lib/ecs", "/var/lib/hostagent",
+)
+# Trees the OS owns from top to bottom: nothing under them is a place for a data volume.
+OS_TREES = ("/proc", "/sys", "/dev", "/run", "/boot", "/etc", "/usr", "/bin", "/sbin", "/lib",
+            "/lib32", "/lib64", "/libx32")
 # Mount options that would defeat the purpose of a persistent data volume, or that we manage.
 FORBIDDEN_OPTIONS = ("ro",)
 
@@ -174,9 +193,7 @@ def parse_config(data: Mapping[str, Any], source: str = "<config>") -> Config:
         if not isinstance(value, dict):
             raise ConfigError(f"[{name}] must be a table", where=source)
         sections[name] = _parse_section(name, SECTION_CLASSES[name], value, source)
-    config = Config(**sections, source=source)
-    _check_semantics(config)
-    return config
+    return _check_semantics(Config(**sections, source=source))
 
 
 def _type_name(tp: Any) -> str:
@@ -225,17 +242,102 @@ def _coerce(tp: Any, value: Any, where: str, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported type", where=where)  # pragma: no cover
 
 
-def _check_semantics(config: Config) -> None:
+def _normalize_path(path: str) -> str:
+    """'..' resolved textually, '//' and a trailing '/' dropped: the form that is checked is the
+    form that is used, so '/opt/couchdb/../../etc' is judged (and would be used) as '/etc'."""
+    return posixpath.normpath(re.sub("/+", "/", path))
+
+
+def _has_control_chars(text: str) -> bool:
+    return any(ord(c) < 0x20 or ord(c) == 0x7F for c in text)
+
+
+def is_system_directory(path: str) -> bool:
+    """A directory the OS owns: one of them, a parent of one, or inside a tree the OS owns."""
+    path = _normalize_path(path)
+    if path == "/":
+        return True
+    if any(d == path or d.startswith(path + "/") for d in SYSTEM_DIRECTORIES):
+        return True
+    return any(path.startswith(tree + "/") for tree in OS_TREES)
+
+
+def _is_inside(path: str, directory: str) -> bool:
+    return path == directory or path.startswith(directory.rstrip("/") + "/")
+
+
+def parse_s3_url(url: str, *, key: str = "secrets.source", where: str | None = None) -> tuple[str, str]:
+    """s3://bucket/key -> (bucket, key); the one check of an S3 URL's shape."""
+    match = S3_URL_RE.fullmatch(url or "")
+    if not match or _has_control_chars(url) or match["key"].endswith("/"):
+        raise ConfigError(f"{key} {url!r} must name an object: s3://bucket/key", where=where)
+    return match["bucket"], match["key"]
+
+
+def _check_path(key: str, value: str, src: str) -> str:
+    if "\0" in value or _has_control_chars(value):
+        raise ConfigError(f"{key} {value!r} must not contain NUL or control characters",
+                          where=src)
+    if not value.startswith("/"):
+        raise ConfigError(f"{key} {value!r} must be an absolute path", where=src)
+    path = _normalize_path(value)
+    if path == "/":
+        raise ConfigError(f"{key} {value!r} must be an absolute path other than /", where=src)
+    return path
+
+
+def _check_mount_point(value: str, src: str) -> str:
+    mp = _check_path("filesystem.mount_point", value, src)
+    # The resolved form too: with /srv -> /etc, '/srv/x' would hide /etc/x.
+    resolved = os.path.realpath(mp)
+    for candidate in dict.fromkeys((mp, resolved)):
+        if is_system_directory(candidate):
+            shown = value if candidate == mp else f"{value} (resolves to {candidate})"
+            raise ConfigError(
+                f"filesystem.mount_point {shown!r} is a system directory, a parent of one or "
+                "inside one; mounting the volume there would hide it", where=src,
+                hint='use a directory of its own, e.g. "/opt/couchdb" or "/var/lib/couchdb"')
+    return mp
+
+
+def _check_url(key: str, url: str, src: str, *, secret: bool) -> None:
+    # A URL may carry user:password@: never echo it when it can.
+    shown = "" if secret else f" {url!r}"
+    bad = not url.startswith(("http://", "https://")) or _has_control_chars(url) or " " in url
+    if not bad:
+        import urllib.parse
+
+        parts = urllib.parse.urlsplit(url)
+        try:
+            bad = not parts.hostname or (parts.port is not None and not 0 < parts.port < 65536)
+        except ValueError:
+            bad = True
+    if bad:
+        raise ConfigError(f"{key}{shown} must be an http:// or https:// URL with a host",
+                          where=src)
+
+
+def _check_semantics(config: Config) -> Config:
+    """Every value, at load, before anything changes: the flows and adapters rely on it."""
     src = config.source
-    vol, fs, layout = config.volume, config.filesystem, config.layout
+    vol, fs, layout, host = config.volume, config.filesystem, config.layout, config.host
     if vol.id and not VOLUME_ID_RE.match(vol.id):
         raise ConfigError(f"volume.id {vol.id!r} is not an EBS volume id (vol-…)", where=src)
     if not (vol.id or vol.tags or vol.device):
         raise ConfigError("no volume configured: set volume.id, volume.tags or volume.device",
                           where=src)
-    if vol.device and not vol.device.startswith("/dev/"):
-        raise ConfigError(f"volume.device {vol.device!r} must be a path under /dev/", where=src)
-    if not vol.device_name.startswith("/dev/"):
+    for name, value in vol.tags.items():
+        if not 0 < len(name) <= 128 or not 0 < len(value) <= 256 \
+                or _has_control_chars(name + value):
+            raise ConfigError(f"volume.tags {name!r} = {value!r}: keys must be 1-128 and values "
+                              "1-256 characters, without control characters", where=src)
+    device = vol.device
+    if device:
+        if not device.startswith("/") or not _normalize_path(device).startswith("/dev/"):
+            raise ConfigError(f"volume.device {vol.device!r} must be a path under /dev/",
+                              where=src)
+        device = _check_path("volume.device", device, src)
+    if not DEVICE_NAME_RE.fullmatch(vol.device_name):
         raise ConfigError(f"volume.device_name {vol.device_name!r} must look like /dev/xvdf",
                           where=src)
     if fs.type not in FS_TYPES:
@@ -243,15 +345,17 @@ def _check_semantics(config: Config) -> None:
     if not fs.label or len(fs.label.encode()) > 16:
         raise ConfigError(f"filesystem.label {fs.label!r} must be 1-16 bytes (ext4 limit)",
                           where=src)
-    if not os.path.isabs(fs.mount_point) or os.path.normpath(fs.mount_point) == "/":
-        raise ConfigError(f"filesystem.mount_point {fs.mount_point!r} must be an absolute path "
-                          "other than /", where=src)
-    if not os.path.isabs(fs.fstab):
-        raise ConfigError(f"filesystem.fstab {fs.fstab!r} must be an absolute path", where=src)
-    opts = [o for o in fs.options.split(",") if o]
-    if not opts or any(c.isspace() for c in fs.options):
+    if not LABEL_RE.fullmatch(fs.label):
+        # mkfs.ext4 -L "-F…" would read the label as more options, -F (force) among them.
+        raise ConfigError(f"filesystem.label {fs.label!r} must be letters, digits and . _ + @ : -, "
+                          "not starting with '-'", where=src)
+    mount_point = _check_mount_point(fs.mount_point, src)
+    fstab = _check_path("filesystem.fstab", fs.fstab, src)
+    opts = fs.options.split(",")
+    if not fs.options or any(c.isspace() for c in fs.options) or _has_control_chars(fs.options) \
+            or not all(opts):
         raise ConfigError(f"filesystem.options {fs.options!r} must be a comma-separated list "
-                          "without spaces", where=src)
+                          "without spaces or empty items", where=src)
     for bad in FORBIDDEN_OPTIONS:
         if bad in opts:
             raise ConfigError(f"filesystem.options must not contain {bad!r}", where=src)
@@ -260,22 +364,68 @@ def _check_semantics(config: Config) -> None:
                           "as wait forever)", where=src)
     if not 0 <= fs.min_free_percent < 100:
         raise ConfigError("filesystem.min_free_percent must be between 0 and 99", where=src)
+    if vol.attach_timeout < 1:
+        raise ConfigError("volume.attach_timeout must be at least 1 second", where=src)
+
+    directories = []
     for d in layout.directories:
-        norm = os.path.normpath(d)
-        if os.path.isabs(d) or norm.startswith("..") or norm == ".":
+        parts = d.split("/")
+        if not d or _has_control_chars(d) or d.startswith("/") or ".." in parts \
+                or _normalize_path("/" + d) == "/":
             raise ConfigError(f"layout.directories entry {d!r} must be a relative path inside "
-                              "the mount point", where=src)
-    if not re.fullmatch(r"0?[0-7]{3,4}", layout.mode):
-        raise ConfigError(f"layout.mode {layout.mode!r} must be an octal mode like \"0750\"",
-                          where=src)
-    if config.couchdb.url and not config.couchdb.url.startswith(("http://", "https://")):
-        # Never echo the value: it may carry user:password@.
-        raise ConfigError("couchdb.url must start with http:// or https://", where=src)
-    if config.secrets.source and not S3_URL_RE.match(config.secrets.source):
-        raise ConfigError(f"secrets.source {config.secrets.source!r} must look like "
-                          "s3://bucket/key", where=src)
-    if config.agent.interval < 1:
-        raise ConfigError("agent.interval must be at least 1 second", where=src)
-    if config.snapshot.keep_last < 1:
+                              "the mount point (no '..', no control characters)", where=src)
+        norm = _normalize_path("/" + d)[1:]
+        if norm in directories:
+            raise ConfigError(f"layout.directories lists {norm!r} twice", where=src)
+        directories.append(norm)
+    for key, ident in (("layout.owner", layout.owner), ("layout.group", layout.group)):
+        if ident > MAX_ID:
+            # (uid_t)-1 is chown's "leave unchanged"; anything larger does not fit a uid_t.
+            raise ConfigError(f"{key} {ident} must be between 0 and {MAX_ID}", where=src)
+    if not re.fullmatch(r"0?[0-7]{3}", layout.mode):
+        raise ConfigError(f"layout.mode {layout.mode!r} must be an octal mode like \"0750\" "
+                          "(permission bits only: no setuid, setgid or sticky bit)", where=src)
+    if layout.mode_bits & 0o700 != 0o700:
+        raise ConfigError(f"layout.mode {layout.mode!r} must give the owner rwx (07xx): CouchDB "
+                          "runs as the owner and writes into these directories", where=src)
+
+    if config.couchdb.url:
+        _check_url("couchdb.url", config.couchdb.url, src, secret=True)
+    if config.ecs.introspection_url:
+        _check_url("ecs.introspection_url", config.ecs.introspection_url, src, secret=False)
+    check_prefix(config.ecs.attribute_prefix, where=src)
+    if config.secrets.source:
+        parse_s3_url(config.secrets.source, where=src)
+    secrets_dest = _check_path("secrets.dest", config.secrets.dest, src)
+    snap = config.snapshot
+    if snap.copy_to_region and not REGION_RE.fullmatch(snap.copy_to_region):
+        raise ConfigError(f"snapshot.copy_to_region {snap.copy_to_region!r} is not an AWS "
+                          "region (like eu-west-1)", where=src)
+    if snap.keep_last < 1:
         raise ConfigError("snapshot.keep_last must be at least 1 (the newest is always kept)",
                           where=src)
+    if snap.freeze_timeout < 1:
+        raise ConfigError("snapshot.freeze_timeout must be at least 1 second", where=src)
+    if config.agent.interval < 1:
+        raise ConfigError("agent.interval must be at least 1 second", where=src)
+    if not CLOUDWATCH_NAMESPACE_RE.fullmatch(config.metrics.namespace) \
+            or config.metrics.namespace.startswith("AWS/"):
+        raise ConfigError(f"metrics.namespace {config.metrics.namespace!r} must be 1-255 of "
+                          "letters, digits and . - _ / # :, not starting with AWS/", where=src)
+
+    lock_file = _check_path("host.lock_file", host.lock_file, src)
+    state_dir = _check_path("host.state_dir", host.state_dir, src)
+    for key, path in (("host.lock_file", lock_file), ("host.state_dir", state_dir),
+                      ("filesystem.fstab", fstab)):
+        if _is_inside(path, mount_point):
+            raise ConfigError(f"{key} {path!r} is inside filesystem.mount_point {mount_point!r}: "
+                              "the mounted volume would hide it", where=src)
+
+    return dataclasses.replace(
+        config,
+        volume=dataclasses.replace(vol, device=device),
+        filesystem=dataclasses.replace(fs, mount_point=mount_point, fstab=fstab),
+        layout=dataclasses.replace(layout, directories=tuple(directories)),
+        secrets=dataclasses.replace(config.secrets, dest=secrets_dest),
+        host=dataclasses.replace(host, lock_file=lock_file, state_dir=state_dir),
+    )

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import errno
+import re
+
 EXIT_OK = 0
 EXIT_FAILED = 1  # a check failed or an operation failed at run time
 EXIT_USAGE = 2  # bad usage, config or input
 EXIT_REFUSED = 3  # refused to protect data
+EXIT_INTERNAL = 70  # EX_SOFTWARE (sysexits.h): an unexpected exception, a bug in hostagent
 
 
 class HostagentError(Exception):
@@ -67,3 +71,53 @@ class CommandError(OperationError):
         detail = (stderr or stdout or "").strip().splitlines()
         tail = f": {detail[-1]}" if detail else ""
         super().__init__(f"{' '.join(self.argv)} {what}{tail}", hint=hint)
+
+
+class InternalError(HostagentError):
+    """An exception no code path expected: a bug in hostagent, reported in one line."""
+
+    exit_code = EXIT_INTERNAL
+
+    @classmethod
+    def from_exception(cls, exc: BaseException) -> "InternalError":
+        text = one_line(str(exc))
+        what = f"unexpected {type(exc).__name__}" + (f": {text}" if text else "")
+        return cls(what, hint="this is a bug in hostagent; rerun with -vv for the traceback")
+
+
+# What an operator can do about the host errors that escape most often.
+_OS_HINTS = {
+    errno.EROFS: "the filesystem is read-only: check `findmnt` and `dmesg` (ext4 remounts "
+                 "read-only after I/O errors)",
+    errno.ENOSPC: "the filesystem is full: free some space (`df -h`) and run the command again",
+    errno.EDQUOT: "a disk quota is exhausted: free some space and run the command again",
+    errno.EPERM: "commands that change the host run as root",
+    errno.EACCES: "commands that change the host run as root",
+    errno.EIO: "the device reports I/O errors: check `dmesg`",
+}
+
+
+def host_error(exc: OSError) -> OperationError:
+    """An OSError that escaped a flow is a host failure: `<strerror> (<filename>)`, exit 1."""
+    what = one_line(exc.strerror or str(exc)) or type(exc).__name__
+    where = None
+    if exc.filename is not None:
+        where = _printable(exc.filename)
+        if exc.filename2 is not None:
+            where += f" -> {_printable(exc.filename2)}"
+    return OperationError(what, where=where, hint=_OS_HINTS.get(exc.errno))
+
+
+# user:password@ in any URL an exception message carries (couchdb.url may hold one).
+_URL_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/\s@]+@")
+
+
+def one_line(text: str) -> str:
+    """Whitespace folded to one line, URL credentials masked: safe for a last-resort message."""
+    return _URL_CREDENTIALS.sub(r"\g<scheme>***@", " ".join(str(text).split()))
+
+
+def _printable(name) -> str:
+    """A file name shown as is, except that a newline or NUL in it cannot break the line."""
+    text = name.decode("utf-8", "backslashreplace") if isinstance(name, bytes) else str(name)
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)

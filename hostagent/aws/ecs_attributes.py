@@ -20,20 +20,22 @@ NAME_OK = re.compile(r"^[A-Za-z0-9_./\\-]{1,128}$")
 VALUE_BAD_CHARS = re.compile(r"[^A-Za-z0-9_.@/\\: -]")
 
 
-def check_prefix(prefix: str) -> str:
+def check_prefix(prefix: str, *, where: str | None = None) -> str:
     """The attribute prefix must be usable as is: a trimmed name would not match the placement
-    constraint the operator wrote, so a bad prefix is a config error, never silently fixed."""
+    constraint the operator wrote, so a bad prefix is a config error, never silently fixed.
+    config.py calls this at load; everything after that takes the prefix as valid."""
     longest = max(len(PERSISTENCE), len(VOLUME_ID), len(COUCHDB))
     if not prefix or not NAME_OK.match(prefix) or len(prefix) + 1 + longest > MAX_CHARS:
         raise ConfigError(
             f"ecs.attribute_prefix {prefix!r} is not a valid ECS attribute name prefix",
+            where=where,
             hint="letters, digits, - _ . / \\ only, at most "
                  f"{MAX_CHARS - 1 - longest} characters (e.g. \"hostagent\")")
     return prefix
 
 
 def attribute_name(prefix: str, key: str) -> str:
-    return f"{check_prefix(prefix)}.{key}"
+    return f"{prefix}.{key}"
 
 
 def clean_value(value: str | None) -> str | None:

@@ -228,11 +228,10 @@ class AwsCalls:
 class Agent:
     def __init__(self, config, *, notifier=None, clock: Callable[[], float] = time.monotonic,
                  aws_call: Callable[[dict], dict] = call_aws_worker, checks_fn=None):
-        from hostagent.aws.ecs_attributes import check_prefix
         from hostagent.sdnotify import Notifier, watchdog_interval
 
         self.config = config
-        self.prefix = check_prefix(config.ecs.attribute_prefix)
+        self.prefix = config.ecs.attribute_prefix  # checked at config load
         self.notifier = notifier or Notifier.from_env()
         self.clock = clock
         self.watchdog_every = watchdog_interval()

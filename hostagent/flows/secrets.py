@@ -23,15 +23,6 @@ DIR_MODE = 0o700
 WRITTEN, UNCHANGED, MODE_FIXED = "written", "unchanged", "mode fixed"
 
 
-def parse_s3_url(url: str) -> tuple[str, str]:
-    if not url.startswith("s3://"):
-        raise ConfigError(f"secrets.source {url!r} must look like s3://bucket/key")
-    bucket, _, key = url[len("s3://"):].partition("/")
-    if not bucket or not key or key.endswith("/"):
-        raise ConfigError(f"secrets.source {url!r} must name an object: s3://bucket/key")
-    return bucket, key
-
-
 def download(s3, bucket: str, key: str) -> bytes:
     from hostagent.aws.errors import AWSError, aws_call
 
@@ -120,6 +111,7 @@ def write_secret(dest: str, data: bytes) -> str:
 
 
 def run(ctx, args, *, aws=None) -> Report:
+    from hostagent.config import parse_s3_url
     from hostagent.flows.snapshot import make_aws
     from hostagent.lock import host_lock
 
@@ -128,9 +120,7 @@ def run(ctx, args, *, aws=None) -> Report:
     if not source:
         raise ConfigError("secrets.source is not set: nothing to fetch", where=config.source,
                           hint='[secrets] source = "s3://bucket/key"')
-    if not os.path.isabs(dest):
-        raise ConfigError(f"secrets.dest {dest!r} must be an absolute path", where=config.source)
-    bucket, key = parse_s3_url(source)
+    bucket, key = parse_s3_url(source)  # its shape and dest were checked at config load
     aws = make_aws(aws)
     with host_lock(config.host.lock_file):
         data = download(aws.s3, bucket, key)

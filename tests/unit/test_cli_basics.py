@@ -1,6 +1,7 @@
 """The CLI contract: usage errors are one line with exit 2; config errors name file and key."""
 
 import json
+import sys
 
 from hostagent.cli import main
 
@@ -44,3 +45,108 @@ def test_version(capsys):
         main(["--version"])
     assert exc.value.code == 0
     assert "hostagent" in capsys.readouterr().out
+
+
+import errno
+import logging
+
+import pytest
+
+from hostagent import cli
+
+
+@pytest.fixture
+def flow(monkeypatch, tmp_path):
+    """Point `verify-mount` at a stand-in flow that raises what the test gives it."""
+    def install(exc):
+        def run(ctx, args):
+            raise exc
+
+        module = type(sys)("stand_in_flow")
+        module.run = run
+        monkeypatch.setitem(sys.modules, "stand_in_flow", module)
+        monkeypatch.setitem(cli.COMMANDS, "verify-mount", ("stand_in_flow:run", "stand-in"))
+    # -vv configures the root logger; leave it as found for the tests after this one.
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield install
+    root.handlers[:], root.level = handlers, level
+
+
+def test_an_unexpected_exception_is_one_line_and_exit_70(flow, capsys):
+    flow(KeyError("etc"))
+    assert main(["verify-mount"]) == 70
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["hostagent: error: unexpected KeyError: 'etc'",
+                   "hint: this is a bug in hostagent; rerun with -vv for the traceback"]
+
+
+def test_with_vv_the_traceback_is_logged_too(flow, capsys, caplog):
+    flow(ZeroDivisionError("division by zero"))
+    assert main(["verify-mount", "-vv"]) == 70
+    assert [r.exc_info[0] for r in caplog.records if r.exc_info] == [ZeroDivisionError]
+    err = capsys.readouterr().err.splitlines()
+    assert err[-2] == "hostagent: error: unexpected ZeroDivisionError: division by zero"
+    caplog.clear()
+    assert main(["verify-mount", "-v"]) == 70
+    assert not [r for r in caplog.records if r.exc_info]
+
+
+STAND_IN = """
+import sys
+from hostagent import cli
+def run(ctx, args):
+    raise ZeroDivisionError("division by zero")
+sys.modules["stand_in_flow"] = sys.modules[__name__]
+cli.COMMANDS["verify-mount"] = ("stand_in_flow:run", "stand-in")
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("verbose, traceback", [([], False), (["-vv"], True)])
+def test_the_traceback_reaches_stderr_only_with_vv(verbose, traceback):
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "-c", STAND_IN, "verify-mount", *verbose],
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 70 and proc.stdout == ""
+    assert ("Traceback (most recent call last)" in proc.stderr) is traceback
+    assert proc.stderr.splitlines()[-2:] == [
+        "hostagent: error: unexpected ZeroDivisionError: division by zero",
+        "hint: this is a bug in hostagent; rerun with -vv for the traceback"]
+
+
+def test_an_unexpected_exception_with_json(flow, capsys):
+    flow(RuntimeError("boom\nsecond line from http://admin:s3cret@localhost:5984/_up"))
+    assert main(["verify-mount", "--json"]) == 70
+    captured = capsys.readouterr()
+    out = json.loads(captured.out)
+    assert out == {"ok": False, "exit_code": 70,
+                   "error": "unexpected RuntimeError: boom second line from "
+                            "http://***@localhost:5984/_up"}
+    assert "s3cret" not in captured.err and "Traceback" not in captured.err
+
+
+@pytest.mark.parametrize("exc, line", [
+    (OSError(errno.EROFS, "Read-only file system", "/opt/couchdb/data"),
+     "hostagent: error: Read-only file system (/opt/couchdb/data)"),
+    (OSError(errno.ENOSPC, "No space left on device", "/etc/fstab.hostagent-tmp"),
+     "hostagent: error: No space left on device (/etc/fstab.hostagent-tmp)"),
+    (PermissionError(errno.EPERM, "Operation not permitted", "/opt/couchdb"),
+     "hostagent: error: Operation not permitted (/opt/couchdb)"),
+    (OSError(errno.EXDEV, "Invalid cross-device link", "/a", None, "/b"),
+     "hostagent: error: Invalid cross-device link (/a -> /b)"),
+    (OSError(errno.EIO, "Input/output error"), "hostagent: error: Input/output error"),
+    (OSError(errno.ENOENT, "No such file or directory", "/opt/x\ny"),
+     "hostagent: error: No such file or directory (/opt/x\\ny)"),
+])
+def test_an_escaped_os_error_is_a_host_failure_exit_1(flow, capsys, exc, line):
+    flow(exc)
+    assert main(["verify-mount", "--json"]) == 1
+    captured = capsys.readouterr()
+    err = captured.err.splitlines()
+    assert err[0] == line and len(err) <= 2
+    if exc.errno in (errno.EROFS, errno.ENOSPC, errno.EPERM):
+        assert err[1].startswith("hint: ")
+    out = json.loads(captured.out)
+    assert out["ok"] is False and out["exit_code"] == 1 and out["error"] == line.split(": ", 2)[2]
