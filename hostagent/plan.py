@@ -21,14 +21,21 @@ class Step:
     run: Callable[[], str | None] | None = None  # None: already in the desired state
     status: str = PLANNED
     detail: str = ""
+    # The change as plain data, for flows whose planner is pure (bootstrap): ("mkfs", {...}).
+    # The flow binds it to an executor (sets run) before applying.
+    op: tuple[str, dict] | None = None
 
     @property
     def needed(self) -> bool:
-        return self.run is not None
+        return self.run is not None or self.op is not None
 
     def as_dict(self) -> dict:
         return {"name": self.name, "status": self.status, "action": self.action,
                 "reason": self.reason, "detail": self.detail}
+
+
+class Unchanged(str):
+    """Returned by a step's run when, looking closer, nothing needed doing: status skipped."""
 
 
 def skipped(name: str, action: str, reason: str) -> Step:
@@ -46,13 +53,14 @@ def apply_steps(steps: Iterable[Step], *, dry_run: bool, on_step=None) -> list[S
             step.status = PLANNED
         else:
             try:
-                step.detail = step.run() or ""
+                result = step.run()
             except BaseException:
                 step.status = FAILED
                 if on_step:
                     on_step(step)
                 raise
-            step.status = DONE
+            step.detail = result or ""
+            step.status = SKIPPED if isinstance(result, Unchanged) else DONE
         log.info("%s: %s (%s: %s)", step.name, step.status, step.action, step.reason)
         if on_step:
             on_step(step)

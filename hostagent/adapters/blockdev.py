@@ -56,6 +56,7 @@ class BlockDevice:
     backing_file: str | None
     vendor: str = ""
     by_id: tuple[str, ...] = ()  # /dev/disk/by-id names, when udev made them
+    wwid: str = ""  # a world-wide identifier the device reports (SCSI/NVMe), when it has one
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,18 @@ class Partition:
     major_minor: str
     size_bytes: int
     holders: tuple[str, ...] = ()
+
+
+def device_number(path: str) -> str | None:
+    """major:minor of the block device node at path (symlinks followed), or None when path is
+    not one: the one device-number lookup."""
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    if not stat.S_ISBLK(st.st_mode):
+        return None
+    return f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
 
 
 def volume_id_from_serial(serial: str) -> str | None:
@@ -217,6 +230,8 @@ def list_block_devices(
             backing_file=backing or None,
             vendor=_read(os.path.join(base, "device", "vendor")) or "",
             by_id=by_id.get(name, ()),
+            wwid=(_read(os.path.join(base, "wwid")) or _read(os.path.join(base, "device", "wwid"))
+                  or ""),
         ))
     return devices
 
@@ -235,6 +250,27 @@ def list_partitions(device: BlockDevice, sysfs_root: str = "/sys",
             holders=tuple(_listdir(os.path.join(base, "holders"))),
         ))
     return parts
+
+
+def durable_identity(device: BlockDevice, proven_volume_id: str | None = None) -> str | None:
+    """What makes this disk *this* disk across a crash, never its kernel name (a different disk
+    can show up as loop3 or xvdf next time): the EBS volume id (NVMe serial, or the attachment
+    EC2 reports here), a loop device's backing file by inode, a WWN or serial. None when the
+    disk carries no identity at all (a virtio disk without serial)."""
+    volume_id = device.volume_id or proven_volume_id
+    if volume_id:
+        return f"ebs:{volume_id}"
+    if device.backing_file:
+        try:
+            st = os.stat(device.backing_file)
+        except OSError:
+            return None  # deleted or unreachable: nothing durable left to compare
+        return f"loop:{device.backing_file}:dev={st.st_dev}:ino={st.st_ino}"
+    if device.wwid:
+        return f"wwid:{device.wwid}"
+    if device.serial:
+        return f"serial:{device.model.strip()}:{device.serial}"
+    return None
 
 
 def describe_devices(devices: Iterable[BlockDevice]) -> str:

@@ -1,12 +1,17 @@
-"""CouchDB's directories on the mounted volume: inspect, say what is wrong, create/fix without touching contents."""
+"""CouchDB's directories on the mounted volume: inspect, say what is wrong, create/fix without
+touching contents — always relative to the mount point's own fd, never following a symlink."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import stat
 from dataclasses import dataclass
 
-from hostagent.errors import RefusedError
+from hostagent.errors import OperationError, RefusedError
+
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 @dataclass(frozen=True)
@@ -19,18 +24,60 @@ class DirState:
     mode: int | None = None  # permission bits only
 
 
+def _components(rel: str) -> list[str]:
+    return [c for c in os.path.normpath(rel).split("/") if c and c != "."]
+
+
+def _kind(mode: int) -> str:
+    return "symlink" if stat.S_ISLNK(mode) else "dir" if stat.S_ISDIR(mode) else "other"
+
+
+def device_of_fd(fd: int) -> str:
+    st = os.fstat(fd)
+    return f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}"
+
+
+@contextlib.contextmanager
+def open_mount_point(mount_point: str):
+    try:
+        fd = os.open(mount_point, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise OperationError(f"cannot open the mount point: {exc.strerror}",
+                             where=mount_point) from None
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _inspect_one(root_fd: int, mount_point: str, rel: str) -> DirState:
+    path = os.path.join(mount_point, os.path.normpath(rel))
+    parts = _components(rel)
+    fds: list[int] = []
+    try:
+        parent = root_fd
+        for i, name in enumerate(parts):
+            try:
+                st = os.stat(name, dir_fd=parent, follow_symlinks=False)
+            except FileNotFoundError:
+                return DirState(rel, path, "missing")
+            kind = _kind(st.st_mode)
+            if i == len(parts) - 1:
+                return DirState(rel, path, kind, st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode))
+            if kind != "dir":
+                # A symlink in the middle would take etc/local.d off the volume.
+                return DirState(rel, os.path.join(mount_point, *parts[:i + 1]), kind)
+            parent = os.open(name, DIR_FLAGS, dir_fd=parent)
+            fds.append(parent)
+        return DirState(rel, path, "dir")  # pragma: no cover - rel is never empty (config)
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
 def inspect_layout(mount_point: str, directories) -> list[DirState]:
-    states = []
-    for rel in directories:
-        path = os.path.join(mount_point, os.path.normpath(rel))
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            states.append(DirState(rel, path, "missing"))
-            continue
-        kind = "symlink" if stat.S_ISLNK(st.st_mode) else "dir" if stat.S_ISDIR(st.st_mode) else "other"
-        states.append(DirState(rel, path, kind, st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)))
-    return states
+    with open_mount_point(mount_point) as root_fd:
+        return [_inspect_one(root_fd, mount_point, rel) for rel in directories]
 
 
 def layout_problem(state: DirState, owner: int, group: int, mode: int) -> str | None:
@@ -47,33 +94,71 @@ def layout_problem(state: DirState, owner: int, group: int, mode: int) -> str | 
     return "; ".join(wrong) or None
 
 
-def apply_layout(mount_point: str, directories, owner: int, group: int, mode: int) -> list[str]:
-    """Create missing directories and fix owner/mode of the directories themselves (never recursive).
+def _refuse_non_directory(path: str, what: str) -> RefusedError:
+    return RefusedError(f"{path} {what}, not a directory; refusing to follow or change it "
+                        "(it could lead off the volume)", where=path,
+                        hint="move it aside by hand (it may point at the root disk), then rerun")
 
-    Returns what was changed. A symlink or file where a directory belongs is refused: following
-    it could chown something outside the volume.
-    """
-    changed = []
-    for state in inspect_layout(mount_point, directories):
-        if state.kind in ("symlink", "other"):
-            raise RefusedError(f"{state.path} {layout_problem(state, owner, group, mode)}; "
-                               "refusing to change it", hint="move it aside by hand, then rerun")
-        if state.kind == "missing":
-            # Parents first come from the configured order (etc before etc/local.d); makedirs
-            # covers configs that list only the leaf.
-            os.makedirs(state.path, mode=0o700, exist_ok=True)
-            changed.append(f"created {state.relative}")
-        fd = os.open(state.path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
-        try:
+
+def apply_layout(mount_point: str, directories, owner: int, group: int, mode: int, *,
+                 expected_device: str | None = None) -> list[str]:
+    """Create missing directories and fix owner/mode of the directories themselves (never
+    recursive). Every step is relative to an fd opened with O_NOFOLLOW, so a symlink anywhere
+    on the way is refused (exit 3), never followed. expected_device: major:minor the mount
+    point must be on (the volume), or nothing is created. Returns what was changed."""
+    changed: list[str] = []
+    with open_mount_point(mount_point) as root_fd:
+        if expected_device and device_of_fd(root_fd) != expected_device:
+            raise RefusedError(f"{mount_point} is not on the volume ({expected_device}); refusing "
+                               "to lay out CouchDB's directories on another filesystem",
+                               where=mount_point)
+        for rel in directories:
+            try:
+                _apply_one(root_fd, mount_point, rel, owner, group, mode, changed)
+            except OSError as exc:
+                raise OperationError(f"cannot lay out {rel}: {exc.strerror}",
+                                     where=os.path.join(mount_point, rel),
+                                     hint="check that the volume is mounted read-write and not "
+                                          "full (`hostagent verify-mount`)") from None
+    return changed
+
+
+def _apply_one(root_fd: int, mount_point: str, rel: str, owner: int, group: int, mode: int,
+               changed: list[str]) -> None:
+    parts = _components(rel)
+    fds: list[int] = []
+    try:
+        parent = root_fd
+        for i, name in enumerate(parts):
+            here = os.path.join(mount_point, *parts[:i + 1])
+            created = False
+            try:
+                fd = os.open(name, DIR_FLAGS, dir_fd=parent)
+            except FileNotFoundError:
+                os.mkdir(name, 0o700, dir_fd=parent)
+                fd = os.open(name, DIR_FLAGS, dir_fd=parent)
+                created = True
+            except OSError as exc:
+                if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                    st = os.stat(name, dir_fd=parent, follow_symlinks=False)
+                    raise _refuse_non_directory(here, f"is a {_kind(st.st_mode)}") from None
+                raise
+            fds.append(fd)
+            parent = fd
+            last = i == len(parts) - 1
+            if created:
+                changed.append(f"created {os.path.join(*parts[:i + 1])}")
+            if not last and not created:
+                continue
             st = os.fstat(fd)
             if (st.st_uid, st.st_gid) != (owner, group):
                 os.fchown(fd, owner, group)
-                if state.kind != "missing":
-                    changed.append(f"chown {state.relative} {owner}:{group}")
+                if not created:
+                    changed.append(f"chown {rel} {owner}:{group}")
             if stat.S_IMODE(st.st_mode) != mode:
                 os.fchmod(fd, mode)
-                if state.kind != "missing":
-                    changed.append(f"chmod {state.relative} {mode:04o}")
-        finally:
+                if not created:
+                    changed.append(f"chmod {rel} {mode:04o}")
+    finally:
+        for fd in fds:
             os.close(fd)
-    return changed

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -14,7 +13,10 @@ from hostagent.runner import run as default_run
 MOUNTINFO = "/proc/self/mountinfo"
 MOUNT_TIMEOUT = 120.0
 FS_IOC_GETFLAGS = 0x80086601  # _IOR('f', 1, long) on 64-bit Linux
+FS_IOC_SETFLAGS = 0x40086602  # _IOW('f', 2, long)
 FS_IMMUTABLE_FL = 0x00000010
+BARE_VIEW_NAME = "hostagent-bare"
+LEGACY_VIEW_PREFIX = "/run/hostagent-bare."
 
 
 @dataclass(frozen=True)
@@ -84,11 +86,6 @@ def mounts_of_device(major_minor: str, entries: Iterable[MountEntry]) -> list[Mo
     return [e for e in entries if e.major_minor == major_minor]
 
 
-def device_major_minor(path: str) -> str:
-    st = os.stat(path)
-    return f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
-
-
 def mount_from_fstab(mount_point: str, fstab: str, run=default_run) -> None:
     """Mount exactly as the fstab line says (`mount --fstab`), so the line itself is proven."""
     run(["mount", "--fstab", fstab, mount_point], timeout=MOUNT_TIMEOUT)
@@ -98,24 +95,46 @@ def unmount(mount_point: str, run=default_run) -> None:
     run(["umount", mount_point], timeout=MOUNT_TIMEOUT)
 
 
-def is_immutable(path: str) -> bool | None:
-    """chattr +i state of a directory via FS_IOC_GETFLAGS; None when the filesystem has no flags."""
+def _get_flags(fd: int) -> int:
     import array
     import fcntl
 
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    buf = array.array("l", [0])
+    fcntl.ioctl(fd, FS_IOC_GETFLAGS, buf, True)
+    return buf[0]
+
+
+def is_immutable(path: str) -> bool | None:
+    """chattr +i state of a directory via FS_IOC_GETFLAGS; None when the filesystem has no flags."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
-        buf = array.array("l", [0])
-        fcntl.ioctl(fd, FS_IOC_GETFLAGS, buf, True)
+        return bool(_get_flags(fd) & FS_IMMUTABLE_FL)
     except OSError:
         return None  # tmpfs, overlayfs… have no inode flags
     finally:
         os.close(fd)
-    return bool(buf[0] & FS_IMMUTABLE_FL)
 
 
-def set_immutable(path: str, immutable: bool, run=default_run) -> None:
-    run(["chattr", "+i" if immutable else "-i", path], timeout=10)
+def set_immutable(path: str, immutable: bool) -> None:
+    """chattr ±i through FS_IOC_SETFLAGS (no process started); OperationError when the
+    filesystem has no inode flags or refuses."""
+    import array
+    import fcntl
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise OperationError(f"cannot open {path}: {exc.strerror}", where=path) from None
+    try:
+        flags = _get_flags(fd)
+        want = flags | FS_IMMUTABLE_FL if immutable else flags & ~FS_IMMUTABLE_FL
+        if want != flags:
+            fcntl.ioctl(fd, FS_IOC_SETFLAGS, array.array("l", [want]), True)
+    except OSError as exc:
+        raise OperationError(f"cannot {'set' if immutable else 'clear'} the immutable flag: "
+                             f"{exc.strerror}", where=path) from None
+    finally:
+        os.close(fd)
 
 
 def parent_mount(path: str, entries: Iterable[MountEntry]) -> MountEntry | None:
@@ -131,8 +150,33 @@ def parent_mount(path: str, entries: Iterable[MountEntry]) -> MountEntry | None:
     return best
 
 
+def view_path(state_dir: str) -> str:
+    """Where bootstrap bind-mounts the filesystem under the mount point: one fixed path, so a
+    view left by a killed run is found (and removed) by the next."""
+    return os.path.join(state_dir, BARE_VIEW_NAME)
+
+
+def leftover_views(state_dir: str, entries: Iterable[MountEntry]) -> list[str]:
+    """Bind mounts of ours still mounted: at view_path, or at the /run/hostagent-bare.* paths
+    of earlier versions. Deepest first, so stacked ones come off in order."""
+    ours = view_path(state_dir)
+    found = [e.mount_point for e in entries
+             if e.mount_point == ours or e.mount_point.startswith(LEGACY_VIEW_PREFIX)]
+    return sorted(found, key=lambda p: (-p.count("/"), p), reverse=False)
+
+
+def remove_view(path: str, run=default_run) -> None:
+    """Unmount one of our views (every mount stacked there) and remove its directory."""
+    while os.path.ismount(path):
+        run(["umount", path], timeout=MOUNT_TIMEOUT)
+    try:
+        os.rmdir(path)
+    except FileNotFoundError:
+        pass
+
+
 @contextlib.contextmanager
-def bare_directory(mount_point: str, run=default_run, scratch_dir: str = "/run"):
+def bare_directory(mount_point: str, state_dir: str, run=default_run):
     """Yield a path to the directory *underneath* what is mounted on mount_point.
 
     A non-recursive bind mount of the parent filesystem shows it without its submounts, so the
@@ -142,7 +186,8 @@ def bare_directory(mount_point: str, run=default_run, scratch_dir: str = "/run")
     parent = parent_mount(mount_point, read_mountinfo())
     if parent is None:
         raise OperationError(f"no filesystem found under {mount_point}", where=mount_point)
-    view = tempfile.mkdtemp(prefix="hostagent-bare.", dir=scratch_dir)
+    view = view_path(state_dir)
+    os.makedirs(view, mode=0o700, exist_ok=True)
     try:
         run(["mount", "--bind", parent.mount_point, view], timeout=MOUNT_TIMEOUT)
         try:
@@ -150,4 +195,7 @@ def bare_directory(mount_point: str, run=default_run, scratch_dir: str = "/run")
         finally:
             run(["umount", view], timeout=MOUNT_TIMEOUT)
     finally:
-        os.rmdir(view)
+        try:
+            os.rmdir(view)
+        except OSError:
+            pass

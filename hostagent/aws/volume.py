@@ -13,9 +13,9 @@ from datetime import datetime, timezone
 from types import MappingProxyType
 from typing import Any, Callable, Mapping
 
+from hostagent.blank import FORMATTED_TAG  # noqa: F401 - one definition, re-exported here
 from hostagent.errors import ConfigError, OperationError, RefusedError
 
-FORMATTED_TAG = "hostagent:formatted"
 RESTORED_FROM_TAG = "hostagent:restored-from"  # set by `hostagent restore` on the new volume
 # Set by bootstrap the first time it puts a restored volume to use: from then on it holds live
 # data, and restoring the same snapshot again must make a fresh volume, not hand this one back.
@@ -53,6 +53,7 @@ class VolumeInfo:
     size_gib: int
     attachments: tuple[Attachment, ...] = ()
     tags: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    snapshot_id: str = ""  # the snapshot EC2 made this volume from ("" for an empty volume)
 
     def attachment_of(self, instance_id: str) -> Attachment | None:
         return next((a for a in self.attachments if a.instance_id == instance_id), None)
@@ -73,7 +74,8 @@ def volume_info(raw: Mapping[str, Any]) -> VolumeInfo:
     tags = {t["Key"]: t.get("Value", "") for t in raw.get("Tags") or ()}
     return VolumeInfo(volume_id=raw["VolumeId"], availability_zone=raw.get("AvailabilityZone", ""),
                       state=raw.get("State", ""), size_gib=int(raw.get("Size") or 0),
-                      attachments=attachments, tags=MappingProxyType(tags))
+                      attachments=attachments, tags=MappingProxyType(tags),
+                      snapshot_id=raw.get("SnapshotId") or "")
 
 
 def describe_search(volume_id: str = "", tags: Mapping[str, str] | None = None) -> str:

@@ -1,8 +1,14 @@
-"""bootstrap: volume → device → format only if blank → fstab by UUID → mount → CouchDB layout.
+"""bootstrap = observe → plan → apply: volume → device → format only if blank → fstab by UUID →
+mount → CouchDB layout.
 
-Each phase looks at the host, then adds steps (what and why) to the plan; a step that is already
-in the desired state is skipped. --dry-run prints the plan and changes nothing. A crash at any
-point leaves a state that the next run recognises and finishes.
+observe_host() looks at everything once (sysfs, the disk's evidence, mountinfo, fstab, state
+records) without changing anything; plan_bootstrap() is a pure function of that observation and
+the config that makes every decision and every refusal before anything changes; apply runs the
+planned steps in order. --dry-run prints the plan and stops. A crash at any point leaves a state
+the next observation recognises and finishes (see the format intent and the view cleanup).
+
+The one change made before the host is observed is the AttachVolume call: the disk does not
+exist until then. With an attach pending, the host part is observed and planned after it.
 """
 
 from __future__ import annotations
@@ -11,136 +17,181 @@ import os
 import signal
 import time
 import uuid as uuidlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
+from typing import Any, Mapping
 
+from hostagent import state
 from hostagent.errors import OperationError, RefusedError, UsageError
 from hostagent.lock import host_lock
-from hostagent.plan import DONE, PLANNED, Step, apply_steps, render_steps
+from hostagent.plan import DONE, PLANNED, Step, Unchanged, apply_steps, render_steps
 from hostagent.report import Report
-from hostagent import state
 
 # Test seam for crash-safety tests: SIGKILL ourselves right after the named step is done.
 CRASH_AFTER_ENV = "HOSTAGENT_CRASH_AFTER"
 DEVICE_POLL_SECONDS = 0.5
+GUARD_RECORD = "guard.json"  # the bare directory under a mount that was already there is guarded
+NO_IMMUTABLE_FLAG = "this filesystem has no immutable flag; relying on the persistence attribute"
+# Room the fstab write needs besides the new text: the backup copy, and a margin.
+FSTAB_SPACE_MARGIN = 64 * 1024
 
 
-@dataclass
-class Bootstrap:
-    """The state one bootstrap run carries from phase to phase."""
+@dataclass(frozen=True)
+class VolumeSide:
+    """What EC2 says about the volume (all None/empty when the config names only a device)."""
 
-    config: object
-    dry_run: bool
-    steps: list[Step] = field(default_factory=list)
-    aws: object = None
-    identity: object = None
-    volume: object = None  # aws.volume.VolumeInfo when the volume is found in EC2
-    device: object = None  # blockdev.BlockDevice
-    fs_uuid: str | None = None
-    wrote_fstab: bool = False
+    volume_id: str | None = None
+    instance_id: str | None = None
+    requested_name: str | None = None
+    tags: Mapping[str, str] = field(default_factory=dict)
+    snapshot_id: str | None = None
+    volume: Any = None  # aws.volume.VolumeInfo
 
-    @property
-    def volume_id(self) -> str | None:
-        return self.volume.volume_id if self.volume else (self.config.volume.id or None)
 
-    def add(self, step: Step) -> None:
-        """Record and (unless dry-run) apply one step at once: later phases look at its result."""
-        self.steps.append(step)
-        apply_steps([step], dry_run=self.dry_run)
-        crash_after = os.environ.get(CRASH_AFTER_ENV)
-        if crash_after and crash_after == step.name and step.status == DONE:
-            os.kill(os.getpid(), signal.SIGKILL)
+@dataclass(frozen=True)
+class HostObservation:
+    """Everything the plan needs, looked at once; plain data (tests build it by hand)."""
 
-    def pending(self, name: str) -> bool:
-        return any(s.name == name and s.status == PLANNED for s in self.steps)
+    device: Any  # blockdev.BlockDevice
+    mount_point: str
+    proven_volume_id: str | None  # the volume the disk positively is (serial or attachment)
+    identity: str | None  # durable identity of the disk (blockdev.durable_identity)
+    superblock: Any  # superblock.Superblock | None
+    evidence: Any  # blank.Evidence | None (None: the volume record vouches for the filesystem)
+    known_uuid: str | None  # set when the volume record names this disk and this filesystem
+    loop_users: tuple[str, ...]
+    intent: Mapping | None
+    own_mkfs_clean: bool | None  # e2fsck -n on an unmounted ext4 our intent made; None: not run
+    mounted: Any  # MountEntry at the mount point, or None
+    device_mounts: tuple[Any, ...]  # MountEntry of this disk elsewhere (this namespace)
+    mount_point_kind: str  # "dir" | "missing" | "other"
+    mount_point_blocked: str | None  # why the missing mount point cannot be created
+    bare_immutable: bool | None  # chattr +i of the bare mount point (unmounted case)
+    bare_leftovers: tuple[str, ...]
+    guard_recorded: bool  # the guard underneath the already-mounted volume was set before
+    fstab_text: str
+    fstab_blocked: str | None  # why the fstab cannot be written (read-only, full)
+    fstab_free_bytes: int | None
+    twins: tuple[str, ...]
+    views: tuple[str, ...]  # our bind mounts left by a killed run
+    layout: tuple[Any, ...] | None  # DirState of each directory when mounted
 
 
 def run(ctx, args) -> Report:
     config = ctx.config
-    b = Bootstrap(config=config, dry_run=args.dry_run)
+    steps: list[Step] = []
+    info: dict[str, Any] = {"volume_id": config.volume.id or None, "device": None, "uuid": None}
     try:
-        with host_lock(config.host.lock_file):
-            run_phases(b)
-    except Exception as exc:
+        with host_lock(config.host.lock_file, dry_run=args.dry_run):
+            bootstrap(config, args.dry_run, steps, info)
+    except Exception:
         # The operator sees which steps were done before the failure; the error is the last line.
-        if b.steps and not ctx.json:
-            print(render_steps(b.steps))
-        raise exc
-    changed = [s for s in b.steps if s.status in (DONE, PLANNED)]
+        if steps and not ctx.json:
+            print(render_steps(steps))
+        raise
+    changed = [s for s in steps if s.status in (DONE, PLANNED)]
     if args.dry_run:
         summary = f"dry run: {len(changed)} step(s) would change the host" if changed else \
             "dry run: nothing to do, the host is as configured"
     else:
         summary = f"{len(changed)} step(s) done" if changed else "nothing to do: already bootstrapped"
-    text = render_steps(b.steps) + "\n" + summary
-    extra = {"dry_run": bool(args.dry_run), "volume_id": b.volume_id,
-             "device": b.device.path if b.device else None, "uuid": b.fs_uuid}
-    return Report(ok=True, key="steps", items=[s.as_dict() for s in b.steps], text=text,
+    text = render_steps(steps) + "\n" + summary
+    extra = {"dry_run": bool(args.dry_run), **info}
+    return Report(ok=True, key="steps", items=[s.as_dict() for s in steps], text=text,
                   extra=extra)
 
 
-def run_phases(b: Bootstrap) -> None:
-    if b.config.volume.uses_aws:
-        phase_volume(b)
-    phase_device(b)
-    if b.device is None:  # dry run: the device appears only after the planned attach
-        return
-    mounted_here = preflight_mount(b)  # refusals come before any change to the host
-    phase_filesystem(b)
-    phase_fstab(b)
-    mounted = phase_mount(b, mounted_here)
-    if mounted or not b.dry_run:
-        phase_layout(b)
-    record_volume(b)
+def bootstrap(config, dry_run: bool, steps: list[Step], info: dict) -> None:
+    aws = None
+    side = VolumeSide(volume_id=config.volume.id or None)
+    if config.volume.uses_aws:
+        from hostagent.aws.clients import AWS
+
+        aws = AWS()
+        side, attach = observe_volume(config, aws)
+        info["volume_id"] = side.volume_id
+        if attach is not None:
+            apply(steps, [attach], dry_run, executors(config, aws, side, None))
+            if dry_run:
+                steps.append(Step("device", f"wait for the block device of {side.volume_id}",
+                                  "it appears once the attachment completes", status=PLANNED))
+                return
+            side = replace(side, volume=attach.op[1]["result"]["volume"])
+    device = find_device(config, side)
+    obs = observe_host(config, side, device)
+    info["device"] = device.path
+    plan = plan_bootstrap(obs, config, side)
+    fmt = next((s for s in plan if s.op and s.op[0] == "mkfs"), None)
+    info["uuid"] = fmt.op[1]["uuid"] if fmt else fs_uuid_of(obs)
+    apply(steps, plan, dry_run, executors(config, aws, side, obs))
+    if not dry_run:
+        record_volume(config, side, obs, info["uuid"])
 
 
-def phase_volume(b: Bootstrap) -> None:
-    from hostagent.aws.clients import AWS
-    from hostagent.aws.volume import attach_volume, decide_attach, find_volume
+def apply(steps: list[Step], plan: list[Step], dry_run: bool, execs: dict) -> None:
+    """Bind each step's op to its executor, then run the steps in order."""
+    for step in plan:
+        if step.op is not None:
+            kind, args = step.op
+            step.run = (lambda fn=execs[kind], a=args: fn(a))
+    crash_after = os.environ.get(CRASH_AFTER_ENV)
 
-    vol_cfg = b.config.volume
-    b.aws = AWS()
-    b.identity = b.aws.identity
-    b.volume = find_volume(b.aws.ec2, volume_id=vol_cfg.id, tags=dict(vol_cfg.tags))
-    decision = decide_attach(b.identity, b.volume)
-    where = f"{b.volume.volume_id} in {b.volume.availability_zone}"
+    def after(step: Step) -> None:
+        if crash_after and crash_after == step.name and step.status == DONE:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    for step in plan:
+        steps.append(step)
+        apply_steps([step], dry_run=dry_run, on_step=after)
+
+
+# --- observe ------------------------------------------------------------------------------
+
+
+def observe_volume(config, aws) -> tuple[VolumeSide, Step | None]:
+    """Find the volume in EC2 and decide the attach (refusals raise here, before any change)."""
+    from hostagent.aws.volume import decide_attach, find_volume
+
+    vol_cfg = config.volume
+    identity = aws.identity
+    volume = find_volume(aws.ec2, volume_id=vol_cfg.id, tags=dict(vol_cfg.tags))
+    decision = decide_attach(identity, volume)
+    side = VolumeSide(volume_id=volume.volume_id, instance_id=identity.instance_id,
+                      tags=dict(volume.tags), snapshot_id=volume.snapshot_id or None,
+                      volume=volume)
+    where = f"{volume.volume_id} in {volume.availability_zone}"
     if decision == "attached-here":
-        b.add(Step("attach", f"attach {b.volume.volume_id}",
-                   f"already attached to this instance ({b.identity.instance_id})"))
-        return
+        return side, None
     if not vol_cfg.attach:
         raise OperationError(f"volume {where} is available but volume.attach = false",
-                             where=b.config.source, hint="attach it, or set volume.attach = true")
-
-    def attach() -> str:
-        b.volume = attach_volume(b.aws.ec2, b.identity, b.volume, vol_cfg.device_name,
-                                 timeout=vol_cfg.attach_timeout)
-        return f"attached to {b.identity.instance_id} as {vol_cfg.device_name}"
-
-    b.add(Step("attach", f"AttachVolume {b.volume.volume_id} as {vol_cfg.device_name}",
-               f"volume is available ({where})", run=attach))
+                             where=config.source, hint="attach it, or set volume.attach = true")
+    return side, Step("attach", f"AttachVolume {volume.volume_id} as {vol_cfg.device_name}",
+                      f"volume is available ({where})",
+                      op=("attach", {"device_name": vol_cfg.device_name, "result": {}}))
 
 
-def phase_device(b: Bootstrap) -> None:
+def requested_name(config, side: VolumeSide) -> str:
+    """The name EC2 reports for this instance's attachment (it may differ from the configured
+    device_name: a launch template, a person); the configured one only when EC2 says nothing."""
+    attachment = side.volume.attachment_of(side.instance_id) \
+        if side.volume is not None and side.instance_id else None
+    return attachment.device if attachment and attachment.device else config.volume.device_name
+
+
+def find_device(config, side: VolumeSide):
     from hostagent.adapters.blockdev import find_volume_device, list_block_devices, \
         resolve_explicit_device
 
-    vol_cfg = b.config.volume
-    if b.pending("attach"):
-        b.add(Step("device", f"wait for the block device of {b.volume_id}",
-                   "it appears once the attachment completes", run=lambda: None))
-        return
+    vol_cfg = config.volume
     if vol_cfg.device:
-        b.device = resolve_explicit_device(vol_cfg.device, list_block_devices(),
-                                           volume_id=b.volume_id)
-        return
+        return resolve_explicit_device(vol_cfg.device, list_block_devices(),
+                                       volume_id=side.volume_id)
     # After an attach the kernel needs a moment to show the disk: wait, bounded.
     deadline = time.monotonic() + vol_cfg.attach_timeout
     while True:
         try:
-            b.device = find_volume_device(list_block_devices(), volume_id=b.volume_id,
-                                          requested_name=requested_name(b))
-            return
+            return find_volume_device(list_block_devices(), volume_id=side.volume_id,
+                                      requested_name=requested_name(config, side))
         except RefusedError:
             raise
         except OperationError:
@@ -149,98 +200,7 @@ def phase_device(b: Bootstrap) -> None:
             time.sleep(DEVICE_POLL_SECONDS)
 
 
-def requested_name(b: Bootstrap) -> str:
-    """The name EC2 reports for this instance's attachment (it may differ from the configured
-    device_name: a launch template, a person); the configured one only when EC2 says nothing."""
-    here = getattr(b.identity, "instance_id", None)
-    attachment = b.volume.attachment_of(here) if b.volume is not None and here else None
-    return attachment.device if attachment and attachment.device else b.config.volume.device_name
-
-
-def phase_filesystem(b: Bootstrap) -> None:
-    from hostagent.adapters import probe
-
-    dev = b.device
-    cfg = b.config
-    formatted_tag = None
-    if b.volume is not None:
-        from hostagent.aws.volume import FORMATTED_TAG
-
-        formatted_tag = b.volume.tags.get(FORMATTED_TAG)
-    proven_volume_id = identity_volume_id(b)
-    if b.volume_id and proven_volume_id is None:
-        # Reusing the wrong disk is as bad as formatting it: mounting someone else's ext4 here
-        # would report persistence=ready for data that is not this volume's.
-        raise RefusedError(
-            f"cannot prove {dev.path} is {b.volume_id}: it has no NVMe serial naming the volume, "
-            f"and EC2 does not report the volume attached here as {dev.name}", where=dev.path,
-            hint="set volume.device to the disk if you are sure, or check `hostagent devices`")
-    evidence = probe.gather_evidence(
-        dev.path, size_bytes=dev.size_bytes, partitions=dev.partitions, holders=dev.holders,
-        serial_volume_id=proven_volume_id, expected_volume_id=b.volume_id,
-        formatted_tag=formatted_tag)
-    decision = probe.decide(evidence)
-    intent = state.read_record(cfg.host.state_dir, state.FORMAT_INTENT)
-    resume_uuid = None
-    if is_own_interrupted_format(intent, dev, evidence, decision):
-        resume_uuid = str(intent["uuid"])
-        decision = probe.Decision("format", "an earlier hostagent mkfs of this device was "
-                                  f"interrupted ({intent.get('started')}); nothing was mounted since")
-    if decision.action == "refuse":
-        raise probe.refusal_error(decision, dev.path, volume_id=b.volume_id)
-    if decision.action == "reuse":
-        refuse_uuid_twins(dev, decision.fs_uuid)
-        b.fs_uuid = decision.fs_uuid
-        label = f", label {decision.fs_label}" if decision.fs_label else ""
-        b.add(Step("format", f"mkfs.{cfg.filesystem.type} {dev.path}",
-                   f"ext4 found (UUID {decision.fs_uuid}{label}): reused, never remade"))
-        if intent:
-            state.remove_record(cfg.host.state_dir, state.FORMAT_INTENT)
-    else:
-        new_uuid = str(uuidlib.uuid4())
-
-        def do_format() -> str:
-            # The intent record makes a crash mid-mkfs recognisable as our own half-made
-            # filesystem, so the rerun may format again instead of refusing forever.
-            state.write_record(cfg.host.state_dir, state.FORMAT_INTENT, {
-                "major_minor": dev.major_minor, "size_bytes": dev.size_bytes,
-                "serial": dev.serial, "volume_id": b.volume_id, "uuid": new_uuid,
-                "started": datetime.now(timezone.utc).isoformat(timespec="seconds")})
-            probe.format_ext4(dev.path, cfg.filesystem.label, uuid=new_uuid,
-                              resume_uuid=resume_uuid)
-            b.fs_uuid = probe.filesystem_uuid(dev.path)
-            if b.fs_uuid is None:
-                raise OperationError(f"mkfs.ext4 finished but blkid finds no filesystem on {dev.path}")
-            state.remove_record(cfg.host.state_dir, state.FORMAT_INTENT)
-            return f"ext4 UUID {b.fs_uuid}"
-
-        b.add(Step("format", f"mkfs.ext4 -L {cfg.filesystem.label} -m 0 {dev.path}",
-                   f"proven blank: {decision.reason}", run=do_format))
-    if b.volume is not None:
-        phase_tag_formatted(b, formatted_tag)
-        phase_tag_in_service(b)
-
-
-def refuse_uuid_twins(dev, fs_uuid: str) -> None:
-    """Our fstab line says UUID=…: with two disks carrying that UUID (a volume and a copy made
-    from its snapshot), the mount could take either. Refuse before writing anything."""
-    from hostagent.adapters.mounts import device_major_minor
-    from hostagent.adapters.probe import devices_with_uuid
-
-    twins = []
-    for path in devices_with_uuid(fs_uuid):
-        try:
-            if device_major_minor(path) != dev.major_minor:
-                twins.append(path)
-        except OSError:
-            continue
-    if twins:
-        raise RefusedError(f"{', '.join(twins)} carries the same filesystem UUID {fs_uuid} as "
-                           f"{dev.path}; refusing: UUID= could mount either", where=dev.path,
-                           hint="detach the disk that is not the volume (a copy from a snapshot?)")
-
-
-def identity_volume_id(b: Bootstrap) -> str | None:
+def identity_volume_id(config, side: VolumeSide, dev) -> str | None:
     """Which volume the device positively is, for the blank proof.
 
     Nitro: its NVMe serial says so. A disk with no serial at all (Xen `xvdf`, a loop device)
@@ -250,230 +210,497 @@ def identity_volume_id(b: Bootstrap) -> str | None:
     """
     from hostagent.adapters.blockdev import name_key
 
-    dev = b.device
     if dev.volume_id or dev.serial:
         return dev.volume_id
-    if b.volume_id is None:
+    if side.volume_id is None:
         return None
-    if b.config.volume.device:
-        return b.volume_id
-    here = getattr(b.identity, "instance_id", None)
-    for att in getattr(b.volume, "attachments", ()):
-        if att.instance_id == here and name_key(att.device) == name_key(dev.name):
-            return b.volume_id
+    if config.volume.device:
+        return side.volume_id
+    for att in getattr(side.volume, "attachments", ()):
+        if att.instance_id == side.instance_id and name_key(att.device) == name_key(dev.name):
+            return side.volume_id
     return None
 
 
-def is_own_interrupted_format(intent, dev, evidence, decision) -> bool:
-    """PURE: a leftover intent for this very device, and nothing on it but our own partial mkfs."""
-    from hostagent.adapters.probe import is_own_interrupted_format as only_our_leftovers
-
-    if not intent or decision.action == "format" or not intent.get("uuid"):
-        return False
-    same_device = (intent.get("major_minor") == dev.major_minor
-                   and intent.get("size_bytes") == dev.size_bytes
-                   and intent.get("serial", "") == dev.serial)
-    return same_device and only_our_leftovers(evidence, str(intent["uuid"]))
+def _nearest_existing(path: str) -> str:
+    while not os.path.lexists(path):
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return path
 
 
-def phase_tag_formatted(b: Bootstrap, formatted_tag: str | None) -> None:
-    from hostagent.aws.volume import FORMATTED_TAG, tag_formatted
-
-    if formatted_tag:
-        b.add(Step("tag-volume", f"tag {b.volume_id} {FORMATTED_TAG}",
-                   f"already tagged ({formatted_tag})"))
-        return
-
-    def tag() -> str:
-        tag_formatted(b.aws.ec2, b.volume_id, datetime.now(timezone.utc))
-        return f"{FORMATTED_TAG} set"
-
-    b.add(Step("tag-volume", f"tag {b.volume_id} {FORMATTED_TAG}=<now>",
-               "the volume now holds our filesystem: it must never look blank again", run=tag))
+def _write_problem(directory: str) -> tuple[str | None, int | None]:
+    """Why nothing can be created in directory (read-only filesystem, no write access), and
+    how many bytes are free there."""
+    try:
+        st = os.statvfs(directory)
+    except OSError as exc:
+        return f"cannot look at {directory}: {exc.strerror}", None
+    if st.f_flag & os.ST_RDONLY:
+        return f"{directory} is on a read-only filesystem", st.f_bavail * st.f_frsize
+    if not os.access(directory, os.W_OK):
+        return f"{directory} is not writable", st.f_bavail * st.f_frsize
+    return None, st.f_bavail * st.f_frsize
 
 
-def phase_tag_in_service(b: Bootstrap) -> None:
-    """A volume made by `hostagent restore` holds live data from its first bootstrap on."""
-    from hostagent.aws.volume import IN_SERVICE_TAG, RESTORED_FROM_TAG, tag_time
+def find_twins(fs_uuid: str, dev, devices) -> tuple[str, ...]:
+    """Other disks or partitions whose ext superblock carries this UUID (a copy of the volume
+    made from its snapshot): UUID= in fstab could mount either. Read straight from each
+    superblock, no blkid cache."""
+    from hostagent.adapters.superblock import read_superblock
 
-    tags = b.volume.tags
-    if RESTORED_FROM_TAG not in tags or IN_SERVICE_TAG in tags:
-        return
-    b.add(Step("tag-in-service", f"tag {b.volume_id} {IN_SERVICE_TAG}=<now>",
-               f"restored from {tags[RESTORED_FROM_TAG]} and now put to use: a later restore of "
-               "that snapshot must make a fresh volume",
-               run=lambda: tag_time(b.aws.ec2, b.volume_id, IN_SERVICE_TAG,
-                                    datetime.now(timezone.utc)) or "tagged"))
+    twins = []
+    for other in devices:
+        paths = [] if other.major_minor == dev.major_minor else [other.path]
+        paths += [f"/dev/{p}" for p in other.partitions]
+        for path in paths:
+            sb = read_superblock(path)
+            if sb and sb.uuid.lower() == fs_uuid.lower():
+                twins.append(path)
+    return tuple(twins)
 
 
-def phase_fstab(b: Bootstrap) -> None:
-    from hostagent.adapters import fstab
+def observe_host(config, side: VolumeSide, dev) -> HostObservation:
+    """Look at the disk, the mount point, fstab and our records once, changing nothing."""
+    from hostagent.adapters import fstab, mounts
+    from hostagent.adapters.blockdev import durable_identity, list_block_devices
+    from hostagent.adapters.disk import gather_evidence, loops_backed_by
+    from hostagent.adapters.layout import inspect_layout
+    from hostagent.adapters.superblock import read_superblock
+    from hostagent.blank import FORMATTED_TAG
 
-    fs = b.config.filesystem
-    old = fstab.read_fstab(fs.fstab)
-    if b.fs_uuid is None:  # dry run before mkfs: the UUID is not known yet
-        b.add(Step("fstab", f"add UUID=<new> {fs.mount_point} line to {fs.fstab}",
-                   "after the format", run=lambda: None))
-        return
-    entry = fstab.desired_entry(b.fs_uuid, fs.mount_point, fs.type, fs.options, fs.device_timeout)
-    new = fstab.plan_fstab(old, entry)
-    if new == old:
-        b.add(Step("fstab", f"UUID={b.fs_uuid} {fs.mount_point} in {fs.fstab}", "already present"))
-        return
-    why = fstab.describe_fstab_plan(old, entry)
+    fs_cfg, host = config.filesystem, config.host
+    mp = os.path.normpath(fs_cfg.mount_point)
+    proven = identity_volume_id(config, side, dev)
+    identity = durable_identity(dev, proven)
+    record = state.read_record(host.state_dir, state.VOLUME_RECORD) or {}
+    intent = state.read_record(host.state_dir, state.FORMAT_INTENT)
+    sb = read_superblock(dev.path)
+    table = mounts.read_mountinfo()
+    mounted = mounts.mount_at(mp, table)
+    device_mounts = tuple(m for m in mounts.mounts_of_device(dev.major_minor, table)
+                          if m.mount_point != mp)
 
-    def write() -> str:
-        b.wrote_fstab = fstab.write_fstab(fs.fstab, new)
+    known_uuid = None
+    if (sb and identity and record.get("identity") == identity
+            and str(record.get("uuid", "")).lower() == sb.uuid.lower()):
+        known_uuid = sb.uuid  # the filesystem a bootstrap of ours mounted from this very disk
+    evidence = None
+    loop_users: tuple[str, ...] = ()
+    if known_uuid:
+        loop_users = tuple(f"backs {loop} (a loop device reads and writes through it)"
+                           for loop in loops_backed_by({dev.major_minor, *_partition_devs(dev)}))
+    else:
+        evidence = gather_evidence(
+            dev.path, size_bytes=dev.size_bytes, partitions=dev.partitions, holders=dev.holders,
+            serial_volume_id=proven, expected_volume_id=side.volume_id,
+            formatted_tag=side.tags.get(FORMATTED_TAG), snapshot_id=side.snapshot_id,
+            mountinfo=table)
+
+    own_mkfs_clean = None
+    if (intent and identity and intent.get("identity") == identity and sb and not sb.ever_mounted
+            and str(intent.get("uuid", "")).lower() == sb.uuid.lower() and mounted is None
+            and not device_mounts):
+        from hostagent.adapters.mkfs import is_clean
+
+        own_mkfs_clean = is_clean(dev.path)
+
+    kind = "missing"
+    if os.path.lexists(mp):
+        kind = "dir" if os.path.isdir(mp) else "other"
+    blocked = None
+    if kind == "missing":
+        problem, _ = _write_problem(_nearest_existing(os.path.dirname(mp)))
+        blocked = problem
+    bare_immutable, leftovers = None, ()
+    if kind == "dir" and mounted is None:
+        bare_immutable = mounts.is_immutable(mp)
+        leftovers = tuple(sorted(os.listdir(mp)))
+
+    fstab_text = fstab.read_fstab(fs_cfg.fstab)
+    fstab_dir = _nearest_existing(os.path.dirname(os.path.realpath(fs_cfg.fstab)))
+    fstab_blocked, fstab_free = _write_problem(fstab_dir)
+
+    fs_uuid = sb.uuid if sb else None
+    twins = find_twins(fs_uuid, dev, list_block_devices()) if fs_uuid else ()
+    layout = None
+    if mounted is not None and mounted.major_minor == dev.major_minor:
+        layout = tuple(inspect_layout(mp, config.layout.directories))
+    guard = state.read_record(host.state_dir, GUARD_RECORD) or {}
+    return HostObservation(
+        device=dev, mount_point=mp, proven_volume_id=proven, identity=identity, superblock=sb,
+        evidence=evidence, known_uuid=known_uuid, loop_users=loop_users, intent=intent,
+        own_mkfs_clean=own_mkfs_clean, mounted=mounted, device_mounts=device_mounts,
+        mount_point_kind=kind, mount_point_blocked=blocked, bare_immutable=bare_immutable,
+        bare_leftovers=leftovers,
+        guard_recorded=(guard.get("mount_point") == mp and mounted is not None
+                        and guard.get("major_minor") == mounted.major_minor),
+        fstab_text=fstab_text, fstab_blocked=fstab_blocked, fstab_free_bytes=fstab_free,
+        twins=twins, views=tuple(mounts.leftover_views(host.state_dir, table)), layout=layout)
+
+
+def _partition_devs(dev) -> set[str]:
+    from hostagent.adapters.blockdev import device_number
+
+    return {n for n in (device_number(f"/dev/{p}") for p in dev.partitions) if n}
+
+
+def fs_uuid_of(obs: HostObservation) -> str | None:
+    return obs.superblock.uuid if obs.superblock else None
+
+
+# --- plan (pure) ------------------------------------------------------------------------------
+
+
+def plan_bootstrap(obs: HostObservation, config, side: VolumeSide) -> list[Step]:
+    """PURE: the observation and the config → the steps, or the refusal (raised) — every
+    decision made before anything changes."""
+    from hostagent import blank
+    from hostagent.adapters import fstab as fstab_mod
+
+    dev, mp = obs.device, obs.mount_point
+    fs_cfg = config.filesystem
+    steps: list[Step] = []
+
+    for view in obs.views:
+        steps.append(Step("cleanup", f"umount {view}", "a bind mount left by a killed bootstrap",
+                          op=("remove-view", {"path": view})))
+
+    # The mount point first: refusals about it come before anything is formatted.
+    mounted_here = obs.mounted is not None
+    if mounted_here and obs.mounted.major_minor != dev.major_minor:
+        raise RefusedError(
+            f"{mp} already has {obs.mounted.source} mounted, not {dev.path}; refusing to mount "
+            "over it", where=mp, hint=f"check `findmnt {mp}`; unmount it by hand if it is stale")
+    for m in obs.device_mounts:
+        raise RefusedError(f"{dev.path} is already mounted at {m.mount_point}; refusing to mount "
+                           f"it at {mp} too", where=dev.path, hint=f"umount {m.mount_point}")
+    if obs.mount_point_kind == "other":
+        raise UsageError("mount point exists and is not a directory", where=mp)
+    if obs.mount_point_blocked:
+        raise OperationError(f"cannot create the mount point: {obs.mount_point_blocked}",
+                             where=mp, hint="fix the filesystem that should hold the mount point "
+                                            "(or choose another filesystem.mount_point)")
+    if obs.twins:
+        raise RefusedError(f"{', '.join(obs.twins)} carries the same filesystem UUID "
+                           f"{fs_uuid_of(obs)} as {dev.path}; refusing: UUID= could mount either",
+                           where=dev.path,
+                           hint="detach the disk that is not the volume (a copy from a snapshot?)")
+    if side.volume_id and obs.proven_volume_id is None and not config.volume.device:
+        # Reusing the wrong disk is as bad as formatting it: mounting someone else's ext4 here
+        # would report persistence=ready for data that is not this volume's.
+        raise RefusedError(
+            f"cannot prove {dev.path} is {side.volume_id}: it has no NVMe serial naming the "
+            f"volume, and EC2 does not report the volume attached here as {dev.name}",
+            where=dev.path,
+            hint="set volume.device to the disk if you are sure, or check `hostagent devices`")
+    if obs.loop_users:
+        raise RefusedError(f"{dev.path} {'; '.join(obs.loop_users)}; refusing to use it",
+                           where=dev.path, hint=blank.HINT_IN_USE)
+
+    fmt, fs_uuid = plan_filesystem(obs, config, side)
+    will_format = fmt.op is not None and fmt.op[0] == "mkfs"
+    if dev.read_only and (will_format or not mounted_here):
+        raise OperationError(f"{dev.path} is read-only (the kernel reports ro=1); cannot "
+                             f"{'format' if will_format else 'mount'} it read-write",
+                             where=dev.path, hint="attach the volume read-write (`blockdev --setrw`"
+                                                  " if it was set read-only by hand)")
+    sb = obs.superblock
+    if not will_format and sb is not None and sb.records_errors and not mounted_here:
+        steps.append(Step("fsck", f"e2fsck -p {dev.path}",
+                          f"the superblock records errors (state {'errors' if sb.has_errors else 'ok'}"
+                          f", {sb.error_count} error(s)): check before the first mount",
+                          op=("fsck", {"device": dev.path})))
+    steps.append(fmt)
+    if side.volume is not None:
+        steps += plan_tags(side, fmt)
+
+    entry = fstab_mod.desired_entry(fs_uuid, mp, fs_cfg.type, fs_cfg.options,
+                                    fs_cfg.device_timeout)
+    new = fstab_mod.plan_fstab(obs.fstab_text, entry)
+    if new == obs.fstab_text:
+        steps.append(Step("fstab", f"UUID={fs_uuid} {mp} in {fs_cfg.fstab}", "already present"))
+    else:
+        need = 2 * len(new.encode("utf-8", "surrogateescape")) + FSTAB_SPACE_MARGIN
+        if obs.fstab_blocked or (obs.fstab_free_bytes is not None and obs.fstab_free_bytes < need):
+            why = obs.fstab_blocked or f"only {obs.fstab_free_bytes} bytes free"
+            raise OperationError(f"cannot write the fstab: {why}", where=fs_cfg.fstab,
+                                 hint="free space or make it writable; nothing was changed")
+        steps.append(Step("fstab", f"write UUID={fs_uuid} {mp} to {fs_cfg.fstab}",
+                          fstab_mod.describe_fstab_plan(obs.fstab_text, entry),
+                          op=("write-fstab", {"text": new})))
+
+    if mounted_here:
+        if obs.guard_recorded:
+            steps.append(Step("guard", f"chattr +i {mp} (underneath the mount)",
+                              "set underneath before (recorded)"))
+        else:
+            steps.append(Step("guard", f"chattr +i {mp} (underneath the mount)",
+                              "the volume was mounted before bootstrap ran; if it is ever "
+                              "missing, nothing may write CouchDB data to the root disk",
+                              op=("guard-under", {"major_minor": obs.mounted.major_minor})))
+        steps.append(Step("mount", f"mount {dev.path} on {mp}", "already mounted"))
+    else:
+        if obs.mount_point_kind == "missing":
+            steps.append(Step("mount-point", f"mkdir {mp}", "missing", op=("mkdir", {})))
+        steps.append(plan_guard(obs))
+        steps.append(Step("mount", f"mount {dev.path} on {mp}", "not mounted",
+                          op=("mount", {"uuid": fs_uuid})))
+    steps.append(plan_layout(obs, config))
+    return steps
+
+
+def plan_filesystem(obs: HostObservation, config, side: VolumeSide) -> tuple[Step, str]:
+    """PURE: the format step (mkfs, resume our own, or reuse) and the filesystem UUID."""
+    from hostagent import blank
+
+    dev = obs.device
+    label = config.filesystem.label
+    intent = obs.intent or {}
+    intent_here = bool(obs.identity and intent.get("identity") == obs.identity
+                       and intent.get("volume_id") == side.volume_id and intent.get("uuid"))
+    intent_uuid = str(intent.get("uuid", "")) if intent_here else ""
+    action = f"mkfs.ext4 -L {label} -m 0 {dev.path}"
+
+    if obs.known_uuid:
+        return Step("format", action, f"ext4 UUID {obs.known_uuid}: the filesystem bootstrap "
+                                      "mounted before (state record): reused, never remade",
+                    op=("forget-intent", {}) if intent_here else None), obs.known_uuid
+
+    decision = blank.decide(obs.evidence)
+    if decision.action == "reuse":
+        if intent_here and decision.fs_uuid and decision.fs_uuid.lower() == intent_uuid.lower() \
+                and obs.own_mkfs_clean is False:
+            return Step("format", action + " -F", f"our own mkfs of this disk ({intent.get('started')}) "
+                        "was interrupted: its never-mounted ext4 is incomplete; finishing it with "
+                        "the same UUID", op=("mkfs", {"uuid": intent_uuid, "resume": True})), \
+                intent_uuid
+        label_note = f", label {decision.fs_label}" if decision.fs_label else ""
+        why = f"ext4 found (UUID {decision.fs_uuid}{label_note}): reused, never remade"
+        if intent_here and decision.fs_uuid.lower() == intent_uuid.lower():
+            why = f"our own mkfs (UUID {decision.fs_uuid}) finished before a crash: reused"
+        return Step("format", action, why, op=("forget-intent", {}) if intent_here else None), \
+            decision.fs_uuid
+    if decision.action == "refuse":
+        if intent_here and blank.is_own_interrupted_format(obs.evidence, intent_uuid) == "partial":
+            return Step("format", action + " -F", f"our own mkfs of this disk "
+                        f"({intent.get('started')}) was interrupted before it wrote a superblock; "
+                        "formatting again with the same UUID",
+                        op=("mkfs", {"uuid": intent_uuid, "resume": True})), intent_uuid
+        error = blank.refusal_error(decision, dev.path, volume_id=side.volume_id)
+        if obs.intent and not intent_here:
+            error.hint = (f"{error.hint}; a format record in the state directory names another "
+                          f"disk ({obs.intent.get('identity') or 'no durable identity'}), not this "
+                          f"one ({obs.identity or 'no durable identity'})")
+        raise error
+    new_uuid = intent_uuid or str(uuidlib.uuid4())
+    return Step("format", action, f"proven blank: {decision.reason}",
+                op=("mkfs", {"uuid": new_uuid, "resume": False})), new_uuid
+
+
+def plan_tags(side: VolumeSide, fmt: Step) -> list[Step]:
+    from hostagent.aws.volume import FORMATTED_TAG, IN_SERVICE_TAG, RESTORED_FROM_TAG
+
+    steps = []
+    tags = side.tags
+    if tags.get(FORMATTED_TAG) is not None:
+        steps.append(Step("tag-volume", f"tag {side.volume_id} {FORMATTED_TAG}",
+                          f"already tagged ({tags[FORMATTED_TAG]})"))
+    else:
+        steps.append(Step("tag-volume", f"tag {side.volume_id} {FORMATTED_TAG}=<now>",
+                          "the volume now holds our filesystem: it must never look blank again",
+                          op=("tag", {"key": FORMATTED_TAG})))
+    if RESTORED_FROM_TAG in tags and IN_SERVICE_TAG not in tags:
+        steps.append(Step("tag-in-service", f"tag {side.volume_id} {IN_SERVICE_TAG}=<now>",
+                          f"restored from {tags[RESTORED_FROM_TAG]} and now put to use: a later "
+                          "restore of that snapshot must make a fresh volume",
+                          op=("tag", {"key": IN_SERVICE_TAG})))
+    return steps
+
+
+def plan_guard(obs: HostObservation) -> Step:
+    mp = obs.mount_point
+    action = f"chattr +i {mp}"
+    if obs.bare_immutable:
+        return Step("guard", action, "already immutable")
+    if obs.mount_point_kind == "dir" and obs.bare_immutable is None:
+        return Step("guard", action, NO_IMMUTABLE_FLAG)
+    why = "Docker must not create data/ on the root disk"
+    if obs.bare_leftovers:
+        why += (f" (bare {mp} is not empty: {', '.join(obs.bare_leftovers[:5])} — written while "
+                "the volume was not mounted; left there, hidden under the mount)")
+    return Step("guard", action, why, op=("guard", {}))
+
+
+def plan_layout(obs: HostObservation, config) -> Step:
+    from hostagent.adapters.layout import layout_problem
+
+    lay = config.layout
+    action = f"{', '.join(lay.directories)} owned {lay.owner}:{lay.group} mode {lay.mode}"
+    op = ("layout", {})
+    if obs.layout is None:
+        return Step("layout", action, "after the mount", op=op)
+    problems = [f"{s.relative}: {p}" for s in obs.layout
+                if (p := layout_problem(s, lay.owner, lay.group, lay.mode_bits))]
+    if not problems:
+        return Step("layout", action, "already laid out")
+    return Step("layout", action, "; ".join(problems), op=op)
+
+
+# --- apply --------------------------------------------------------------------------------
+
+
+def executors(config, aws, side: VolumeSide, obs: HostObservation | None) -> dict:
+    """op kind → the function that carries it out (adapters only)."""
+    from hostagent.adapters import fstab, mounts
+
+    fs_cfg, host = config.filesystem, config.host
+    mp = os.path.normpath(fs_cfg.mount_point)
+    wrote_fstab = []
+    guarded = [obs is not None and bool(obs.bare_immutable)]
+
+    def attach(args) -> str:
+        from hostagent.aws.volume import attach_volume
+
+        args["result"]["volume"] = attach_volume(
+            aws.ec2, aws.identity, side.volume, args["device_name"],
+            timeout=config.volume.attach_timeout)
+        return f"attached to {aws.identity.instance_id} as {args['device_name']}"
+
+    def remove_view(args) -> str:
+        mounts.remove_view(args["path"])
+        return "removed"
+
+    def fsck(args) -> str:
+        from hostagent.adapters.mkfs import fsck_preen
+
+        return fsck_preen(args["device"])
+
+    def mkfs(args) -> str:
+        from hostagent.adapters.mkfs import format_ext4
+        from hostagent.adapters.superblock import read_superblock
+        from hostagent.errors import CommandError
+
+        dev = obs.device
+        # Written only now, after every input was validated and the plan made: a crash from
+        # here on leaves a record that authorises finishing mkfs on this very disk only.
+        state.write_record(host.state_dir, state.FORMAT_INTENT, {
+            "identity": obs.identity, "volume_id": side.volume_id, "uuid": args["uuid"],
+            "device": dev.path, "size_bytes": dev.size_bytes,
+            "started": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+        try:
+            format_ext4(dev.path, fs_cfg.label, args["uuid"], size_bytes=dev.size_bytes,
+                        resume=args["resume"])
+        except (CommandError, RefusedError):
+            # mkfs itself failed (or the disk changed under us): nothing of ours to resume.
+            state.remove_record(host.state_dir, state.FORMAT_INTENT)
+            raise
+        sb = read_superblock(dev.path)
+        if sb is None or sb.uuid.lower() != args["uuid"].lower():
+            raise OperationError(f"mkfs.ext4 finished but {dev.path} does not show UUID "
+                                 f"{args['uuid']}", where=dev.path)
+        state.remove_record(host.state_dir, state.FORMAT_INTENT)
+        return f"ext4 UUID {sb.uuid}"
+
+    def forget_intent(args) -> str:
+        state.remove_record(host.state_dir, state.FORMAT_INTENT)
+        return Unchanged("filesystem reused; the format record of our earlier mkfs removed")
+
+    def tag(args) -> str:
+        from hostagent.aws.volume import tag_time
+
+        tag_time(aws.ec2, side.volume_id, args["key"], datetime.now(timezone.utc))
+        return f"{args['key']} set"
+
+    def write_fstab(args) -> str:
+        if fstab.write_fstab(fs_cfg.fstab, args["text"]):
+            wrote_fstab.append(True)
         return "written (previous file kept as backup)"
 
-    b.add(Step("fstab", f"write UUID={b.fs_uuid} {fs.mount_point} to {fs.fstab}", why, run=write))
-
-
-def preflight_mount(b: Bootstrap) -> bool:
-    """Every refusal about the mount point, before anything is changed. True: already mounted."""
-    from hostagent.adapters import mounts
-
-    mp = os.path.normpath(b.config.filesystem.mount_point)
-    table = mounts.read_mountinfo()
-    current = mounts.mount_at(mp, table)
-    if current is not None:
-        if current.major_minor != b.device.major_minor:
-            raise RefusedError(
-                f"{mp} already has {current.source} mounted, not {b.device.path}; refusing to "
-                "mount over it", where=mp,
-                hint=f"check `findmnt {mp}`; unmount it by hand if it is stale")
-        return True
-    for m in mounts.mounts_of_device(b.device.major_minor, table):
-        raise RefusedError(f"{b.device.path} is already mounted at {m.mount_point}; refusing to "
-                           f"mount it at {mp} too", where=b.device.path,
-                           hint=f"umount {m.mount_point}")
-    if os.path.lexists(mp) and not os.path.isdir(mp):
-        raise UsageError("mount point exists and is not a directory", where=mp)
-    return False
-
-
-def phase_mount(b: Bootstrap, mounted_here: bool) -> bool:
-    """Mount point, root-disk guard, mount. Returns whether the volume is (or will be) mounted."""
-    from hostagent.adapters import mounts
-
-    fs = b.config.filesystem
-    mp = os.path.normpath(fs.mount_point)
-    if mounted_here:
-        guard_under_mount(b, mp)
-        b.add(Step("mount", f"mount {b.device.path} on {mp}", "already mounted"))
-        return True
-    if not os.path.isdir(mp):
-        b.add(Step("mount-point", f"mkdir {mp}", "missing",
-                   run=lambda: os.makedirs(mp, mode=0o755, exist_ok=True)))
-    guard_mount_point(b, mp)
-
-    def do_mount() -> str:
-        from hostagent.adapters import fstab
-
+    def mkdir(args) -> str:
         try:
-            mounts.mount_from_fstab(mp, fs.fstab)
+            os.makedirs(mp, mode=0o755, exist_ok=True)
+        except OSError as exc:
+            raise OperationError(f"cannot create the mount point: {exc.strerror}",
+                                 where=mp) from None
+        return "created"
+
+    def guard(args) -> str:
+        if mounts.is_immutable(mp) is None:
+            return NO_IMMUTABLE_FLAG
+        try:
+            mounts.set_immutable(mp, True)
+        except OperationError as exc:
+            return f"not supported here ({exc}); relying on the persistence attribute"
+        guarded[0] = True
+        return "immutable while unmounted"
+
+    def guard_under(args) -> str:
+        with mounts.bare_directory(mp, host.state_dir) as bare:
+            immutable = mounts.is_immutable(bare)
+            if immutable is None:
+                detail = NO_IMMUTABLE_FLAG
+            elif immutable:
+                detail = "already immutable"
+            else:
+                try:
+                    mounts.set_immutable(bare, True)
+                    detail = "immutable underneath the mount"
+                except OperationError as exc:
+                    detail = f"not supported here ({exc}); relying on the persistence attribute"
+        state.write_record(host.state_dir, GUARD_RECORD,
+                           {"mount_point": mp, "major_minor": args["major_minor"]})
+        return detail
+
+    def mount(args) -> str:
+        try:
+            mounts.mount_from_fstab(mp, fs_cfg.fstab)
         except OperationError:
-            if b.wrote_fstab:
-                fstab.restore_fstab(fs.fstab)  # never leave a line that fails at the next boot
+            if wrote_fstab:
+                fstab.restore_fstab(fs_cfg.fstab)  # never leave a line that fails at next boot
             raise
         got = mounts.mount_at(mp, mounts.read_mountinfo())
-        if got is None or got.major_minor != b.device.major_minor:
+        if got is None or got.major_minor != obs.device.major_minor:
             # UUID= resolved to another disk (a twin from a snapshot appeared since the check).
-            mounts.unmount(mp)
-            if b.wrote_fstab:
-                fstab.restore_fstab(fs.fstab)
-            raise RefusedError(f"mounting UUID={b.fs_uuid} gave {got.source if got else 'nothing'}, "
-                               f"not {b.device.path}; unmounted again", where=mp,
+            if got is not None:
+                mounts.unmount(mp)
+            if wrote_fstab:
+                fstab.restore_fstab(fs_cfg.fstab)
+            raise RefusedError(f"mounting UUID={args['uuid']} gave "
+                               f"{got.source if got else 'nothing'}, not {obs.device.path}; "
+                               "unmounted again", where=mp,
                                hint="two disks carry this filesystem UUID: detach the one that "
                                     "is not the volume")
-        return f"mounted from {fs.fstab}"
+        if guarded[0]:
+            # The bare directory under this mount is known immutable: the next run need not
+            # bind-mount the parent filesystem to look underneath.
+            state.write_record(host.state_dir, GUARD_RECORD,
+                               {"mount_point": mp, "major_minor": got.major_minor})
+        return f"mounted from {fs_cfg.fstab}"
 
-    b.add(Step("mount", f"mount {b.device.path} on {mp}", "not mounted", run=do_mount))
-    return True
+    def layout(args) -> str:
+        from hostagent.adapters.layout import apply_layout
 
+        lay = config.layout
+        changed = apply_layout(mp, lay.directories, lay.owner, lay.group, lay.mode_bits,
+                               expected_device=obs.device.major_minor)
+        return "; ".join(changed) if changed else Unchanged("already laid out")
 
-NO_IMMUTABLE_FLAG = "this filesystem has no immutable flag; relying on the persistence attribute"
-
-
-def add_guard_step(b: Bootstrap, action: str, immutable: bool | None, why: str, set_guard) -> None:
-    if immutable:
-        b.add(Step("guard", action, "already immutable"))
-    elif immutable is None:
-        b.add(Step("guard", action, NO_IMMUTABLE_FLAG))
-    else:
-        def apply() -> str:
-            try:
-                set_guard()
-            except OperationError as exc:
-                return f"not supported here ({exc}); relying on the persistence attribute"
-            return "immutable while unmounted"
-
-        b.add(Step("guard", action, why, run=apply))
+    return {"attach": attach, "remove-view": remove_view, "fsck": fsck, "mkfs": mkfs,
+            "forget-intent": forget_intent, "tag": tag, "write-fstab": write_fstab,
+            "mkdir": mkdir, "guard": guard, "guard-under": guard_under, "mount": mount,
+            "layout": layout}
 
 
-def guard_under_mount(b: Bootstrap, mp: str) -> None:
-    """The guard for a volume mounted before bootstrap ran (systemd from fstab, or by hand):
-    reach the bare directory through a bind mount of the filesystem beneath it."""
-    from hostagent.adapters import mounts
-
-    with mounts.bare_directory(mp) as bare:
-        immutable = mounts.is_immutable(bare)
-        warn_leftovers(bare, mp)
-
-    def set_guard() -> None:
-        with mounts.bare_directory(mp) as bare:
-            mounts.set_immutable(bare, True)
-
-    add_guard_step(b, f"chattr +i {mp} (underneath the mount)", immutable,
-                   "the volume was mounted before bootstrap ran; if it is ever missing, nothing "
-                   "may write CouchDB data to the root disk", set_guard)
-
-
-def guard_mount_point(b: Bootstrap, mp: str) -> None:
-    """Keep the bare mount point immutable so nothing (Docker…) writes CouchDB data to the root disk."""
-    from hostagent.adapters import mounts
-
-    if not os.path.isdir(mp):  # dry run: created by the planned mkdir
-        b.add(Step("guard", f"chattr +i {mp}", "bare mount point", run=lambda: None))
+def record_volume(config, side: VolumeSide, obs: HostObservation, fs_uuid: str | None) -> None:
+    """Remember what is mounted so verify-mount can check the device without calling AWS, and
+    the next bootstrap can trust this disk's filesystem without probing it again."""
+    if fs_uuid is None:
         return
-    warn_leftovers(mp, mp)
-    add_guard_step(b, f"chattr +i {mp}", mounts.is_immutable(mp),
-                   "Docker must not create data/ on the root disk",
-                   lambda: mounts.set_immutable(mp, True))
-
-
-def warn_leftovers(bare: str, mp: str) -> None:
-    leftovers = sorted(os.listdir(bare))
-    if leftovers:
-        import logging
-
-        logging.getLogger(__name__).warning(
-            "bare %s is not empty (%s): something wrote to the root disk while the volume was "
-            "not mounted; it stays there, hidden under the mount", mp, ", ".join(leftovers[:5]))
-
-
-def phase_layout(b: Bootstrap) -> None:
-    from hostagent.adapters.layout import apply_layout, inspect_layout, layout_problem
-
-    lay = b.config.layout
-    mp = os.path.normpath(b.config.filesystem.mount_point)
-    states = inspect_layout(mp, lay.directories) if not b.pending("mount") else []
-    problems = [f"{s.relative}: {p}" for s in states
-                if (p := layout_problem(s, lay.owner, lay.group, lay.mode_bits))]
-    action = f"{', '.join(lay.directories)} owned {lay.owner}:{lay.group} mode {lay.mode}"
-    if states and not problems:
-        b.add(Step("layout", action, "already laid out"))
-        return
-    why = "; ".join(problems) if problems else "after the mount"
-    b.add(Step("layout", action, why, run=lambda: "; ".join(
-        apply_layout(mp, lay.directories, lay.owner, lay.group, lay.mode_bits)) or "ok"))
-
-
-def record_volume(b: Bootstrap) -> None:
-    """Remember what is mounted so verify-mount can check the device without calling AWS."""
-    if b.dry_run or b.fs_uuid is None:
-        return
-    record = {"volume_id": b.volume_id, "device": b.device.path,
-              "major_minor": b.device.major_minor, "serial": b.device.serial, "uuid": b.fs_uuid}
-    if state.read_record(b.config.host.state_dir, state.VOLUME_RECORD) != record:
-        state.write_record(b.config.host.state_dir, state.VOLUME_RECORD, record)
+    dev = obs.device
+    record = {"volume_id": side.volume_id, "device": dev.path, "major_minor": dev.major_minor,
+              "serial": dev.serial, "uuid": fs_uuid, "identity": obs.identity}
+    if state.read_record(config.host.state_dir, state.VOLUME_RECORD) != record:
+        state.write_record(config.host.state_dir, state.VOLUME_RECORD, record)

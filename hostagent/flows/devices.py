@@ -12,12 +12,12 @@ from hostagent.adapters.blockdev import (
     resolve_explicit_device,
 )
 from hostagent.adapters.mounts import mounts_of_device, read_mountinfo
-from hostagent.adapters.probe import BLKID_NOTHING_FOUND, parse_blkid_export
+from hostagent.adapters.disk import blkid
+from hostagent.blank import BLKID_NOTHING_FOUND, parse_blkid_export
 from hostagent.errors import ConfigError, HostagentError
 from hostagent.report import Report, render_table
 from hostagent.runner import run as default_run
 
-BLKID_TIMEOUT = 15.0
 SIZE_UNITS = ("B", "K", "M", "G", "T", "P")
 
 
@@ -34,8 +34,7 @@ def human_size(size_bytes: int) -> str:
 def probe_filesystem(path: str, run=default_run) -> dict:
     """fs type/UUID/label via `blkid -o export`; exit 2 means nothing found, not an error."""
     try:
-        result = run(["blkid", "-o", "export", path], ok_codes=(0, BLKID_NOTHING_FOUND),
-                     timeout=BLKID_TIMEOUT)
+        result = blkid(["-o", "export", path], run, ok_codes=(0, BLKID_NOTHING_FOUND))
     except HostagentError as exc:
         return {"fstype": None, "uuid": None, "label": None, "pttype": None, "probe_error": str(exc)}
     info = parse_blkid_export(result.stdout) if result.returncode == 0 else {}

@@ -31,15 +31,14 @@ def device_path_of(major_minor: str, sysfs_root: str = "/sys") -> str | None:
 
 def expected_device(config) -> tuple[str | None, str]:
     """major:minor of the configured volume's device, and how we know it (no AWS call)."""
-    from hostagent.adapters.blockdev import list_block_devices
-    from hostagent.adapters.mounts import device_major_minor
+    from hostagent.adapters.blockdev import device_number, list_block_devices
 
     vol = config.volume
     if vol.device:
-        try:
-            return device_major_minor(vol.device), f"volume.device {vol.device}"
-        except OSError as exc:
-            return None, f"volume.device {vol.device}: {exc.strerror}"
+        number = device_number(vol.device)
+        if number is None:
+            return None, f"volume.device {vol.device} is not a block device"
+        return number, f"volume.device {vol.device}"
     record = read_record(config.host.state_dir, VOLUME_RECORD) or {}
     volume_id = vol.id or record.get("volume_id")
     if volume_id:
@@ -78,6 +77,7 @@ def run_checks(config) -> list[Check]:
                         "mounted read-write" if not mount.read_only else
                         "mounted read-only (I/O errors make ext4 remount ro: check dmesg)"))
     checks.append(_fstab_check(config, mount))
+    checks.append(_fs_errors_check(mount))
     for state in inspect_layout(mp, layout.directories):
         problem = layout_problem(state, layout.owner, layout.group, layout.mode_bits)
         checks.append(Check(f"layout {state.relative}", problem is None,
@@ -99,8 +99,27 @@ def _unmounted_checks(config, mp: str) -> list[Check]:
                                   "disk (run `hostagent bootstrap`)")]
 
 
+def _fs_errors_check(mount) -> Check:
+    """An ext4 whose superblock (or the kernel, for a mounted one) records errors is damaged
+    even while it still mounts read-write."""
+    from hostagent.adapters.superblock import mounted_error_count, read_superblock
+
+    dev_path = device_path_of(mount.major_minor)
+    sb = read_superblock(dev_path) if dev_path else None
+    live = mounted_error_count(os.path.basename(dev_path)) if dev_path else None
+    count = max(sb.error_count if sb else 0, live or 0)
+    if sb is None and live is None:
+        return Check("fs-errors", False, f"cannot read the superblock of {mount.source}")
+    if count or (sb and sb.has_errors):
+        return Check("fs-errors", False,
+                     f"{mount.source} records {count} filesystem error(s)"
+                     f"{' and its state says errors' if sb and sb.has_errors else ''}: snapshot "
+                     f"it, stop CouchDB, umount and run `e2fsck -f {mount.source}`")
+    return Check("fs-errors", True, "no errors recorded")
+
+
 def _fstab_check(config, mount) -> Check:
-    from hostagent.adapters.probe import read_ext4_superblock
+    from hostagent.adapters.superblock import read_superblock
 
     fs = config.filesystem
     try:
@@ -117,9 +136,9 @@ def _fstab_check(config, mount) -> Check:
     if "nofail" not in entry.mntops:
         problems.append("no nofail (a missing volume would stop the boot)")
     dev_path = device_path_of(mount.major_minor)
-    sb = read_ext4_superblock(dev_path) if dev_path else None
-    if entry.spec.startswith("UUID=") and sb and entry.spec[5:].lower() != sb[0].lower():
-        problems.append(f"{entry.spec} but the mounted filesystem is UUID={sb[0]}")
+    sb = read_superblock(dev_path) if dev_path else None
+    if entry.spec.startswith("UUID=") and sb and entry.spec[5:].lower() != sb.uuid.lower():
+        problems.append(f"{entry.spec} but the mounted filesystem is UUID={sb.uuid}")
     if problems:
         return Check("fstab", False, "; ".join(problems) + f" ({fs.fstab})")
     return Check("fstab", True, f"{entry.spec} nofail")

@@ -48,6 +48,17 @@ def steps_by_name(result) -> dict:
     return {s["name"]: s["status"] for s in data["steps"]}
 
 
+def intent_record(dev: str, uuid: str) -> dict:
+    """The format intent bootstrap writes right before mkfs, for this disk (its durable
+    identity: the loop's backing file by inode)."""
+    from hostagent.adapters.blockdev import durable_identity, list_block_devices, \
+        resolve_explicit_device
+
+    info = resolve_explicit_device(dev, list_block_devices())
+    return {"identity": durable_identity(info), "volume_id": None, "uuid": uuid,
+            "device": dev, "size_bytes": info.size_bytes, "started": "test"}
+
+
 def fs_uuid(dev: str) -> str:
     return sh("blkid", "-p", "-o", "value", "-s", "UUID", dev).stdout.strip()
 
@@ -273,12 +284,8 @@ def test_stale_format_intent_never_remakes_a_used_filesystem(setup):
         f.write("data")
     sh("umount", paths["mount_point"])
     from hostagent import state
-    from hostagent.adapters.blockdev import list_block_devices, resolve_explicit_device
 
-    info = resolve_explicit_device(dev, list_block_devices())
-    state.write_record(paths["state_dir"], state.FORMAT_INTENT, {
-        "major_minor": info.major_minor, "size_bytes": info.size_bytes, "serial": info.serial,
-        "volume_id": None, "uuid": uuid, "started": "test"})
+    state.write_record(paths["state_dir"], state.FORMAT_INTENT, intent_record(dev, uuid))
     result = hostagent(config, "bootstrap", "--json")
     assert result.returncode == 0, result.stderr
     assert steps_by_name(result)["format"] == "skipped"
@@ -340,15 +347,10 @@ def test_kill_9_in_the_middle_of_mkfs_then_rerun_formats_its_own_device(loop_dev
     # Let bootstrap write its format intent, then die before mkfs completes: crash after the
     # intent by killing the mkfs child ourselves is racy, so reproduce the two halves for real.
     from hostagent import state
-    from hostagent.adapters.blockdev import list_block_devices, resolve_explicit_device
-
-    info = resolve_explicit_device(dev, list_block_devices())
     import uuid as uuidlib
 
     planned = str(uuidlib.uuid4())
-    state.write_record(host_paths["state_dir"], state.FORMAT_INTENT, {
-        "major_minor": info.major_minor, "size_bytes": info.size_bytes, "serial": info.serial,
-        "volume_id": None, "uuid": planned, "started": "test"})
+    state.write_record(host_paths["state_dir"], state.FORMAT_INTENT, intent_record(dev, planned))
     mkfs = subprocess.Popen(["mkfs.ext4", "-q", "-F", "-U", planned, "-L", "couchdb", "-m", "0",
                              "-E", "lazy_itable_init=0,lazy_journal_init=0,nodiscard", dev])
     time.sleep(delay)
@@ -358,3 +360,4 @@ def test_kill_9_in_the_middle_of_mkfs_then_rerun_formats_its_own_device(loop_dev
     assert rerun.returncode == 0, rerun.stderr
     assert hostagent(config, "verify-mount").returncode == 0
     assert not os.path.exists(os.path.join(host_paths["state_dir"], state.FORMAT_INTENT))
+    assert fs_uuid(dev) == planned, "the UUID chosen before the crash is the one made"

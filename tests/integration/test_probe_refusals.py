@@ -10,7 +10,12 @@ import time
 
 import pytest
 
-from hostagent.adapters import probe
+import uuid as uuidlib
+
+from hostagent import blank
+from hostagent.adapters import disk
+from hostagent.adapters.mkfs import format_ext4
+from hostagent.adapters.superblock import read_superblock
 from hostagent.errors import RefusedError
 from tests.support.hosttools import need_root, need_tool, sh, sha256_of_device
 
@@ -24,8 +29,8 @@ def size_of(dev: str) -> int:
         return int(f.read()) * 512
 
 
-def gather(dev: str, **kw) -> probe.Evidence:
-    return probe.gather_evidence(dev, size_bytes=size_of(dev), **kw)
+def gather(dev: str, **kw) -> blank.Evidence:
+    return disk.gather_evidence(dev, size_bytes=size_of(dev), **kw)
 
 
 def backing_file(dev: str) -> str:
@@ -33,7 +38,7 @@ def backing_file(dev: str) -> str:
 
 
 def blkid_tags(dev: str) -> dict[str, str]:
-    return probe.parse_blkid_export(sh("blkid", "-p", "-o", "export", dev, check=False).stdout)
+    return blank.parse_blkid_export(sh("blkid", "-p", "-o", "export", dev, check=False).stdout)
 
 
 def write_at(dev: str, offset: int, data: bytes) -> None:
@@ -50,17 +55,17 @@ def random_block(n: int = 4096) -> bytes:
 
 
 def assert_refused_untouched(dev: str, expected: str, *, content_refused: bool = True,
-                             **gather_kw) -> probe.Decision:
+                             **gather_kw) -> blank.Decision:
     """decide() refuses naming `expected`, format_ext4 refuses too (when what is refused is the
     content: volume identity is decide()'s alone), and no byte changed."""
     before = sha256_of_device(dev)
-    decision = probe.decide(gather(dev, **gather_kw))
+    decision = blank.decide(gather(dev, **gather_kw))
     assert decision.action == "refuse", decision
     assert expected in decision.reason, decision.reason
     assert "\n" not in decision.reason
     if content_refused:
         with pytest.raises(RefusedError) as refused:
-            probe.format_ext4(dev, "couchdb")
+            format_ext4(dev, "couchdb", str(uuidlib.uuid4()), size_bytes=size_of(dev))
         assert refused.value.exit_code == 3
     assert sha256_of_device(dev) == before
     return decision
@@ -75,11 +80,11 @@ def test_blank_is_formatted_once_then_reused(loop_device):
     evidence = gather(dev)
     assert sha256_of_device(dev) == before  # looking never writes
     assert (evidence.blkid_exit, evidence.wipefs_signatures, evidence.read_error) == (2, (), None)
-    decision = probe.decide(evidence)
+    decision = blank.decide(evidence)
     assert decision.action == "format", decision.reason
 
     started = time.monotonic()
-    probe.format_ext4(dev, "couchdb")
+    format_ext4(dev, "couchdb", str(uuidlib.uuid4()), size_bytes=size_of(dev))
     elapsed = time.monotonic() - started
     assert elapsed < 30
 
@@ -95,18 +100,18 @@ def test_blank_is_formatted_once_then_reused(loop_device):
     allocated = os.stat(backing_file(dev)).st_blocks * 512
     assert allocated < 4 * MIB, allocated
 
-    fs_uuid = probe.filesystem_uuid(dev)
-    assert fs_uuid == tags["UUID"]
-    assert probe.read_ext4_superblock(dev) == (fs_uuid, "couchdb")
-    again = probe.decide(gather(dev))
+    fs_uuid = tags["UUID"]
+    sb = read_superblock(dev)
+    assert (sb.uuid, sb.label, sb.ever_mounted) == (fs_uuid, "couchdb", False)
+    again = blank.decide(gather(dev))
     assert (again.action, again.fs_uuid, again.fs_label) == ("reuse", fs_uuid, "couchdb")
 
     # format_ext4 proves blankness again by itself: a filesystem is never made twice.
     formatted = sha256_of_device(dev)
     with pytest.raises(RefusedError):
-        probe.format_ext4(dev, "couchdb")
+        format_ext4(dev, "couchdb", str(uuidlib.uuid4()), size_bytes=size_of(dev))
     assert sha256_of_device(dev) == formatted
-    assert probe.filesystem_uuid(dev) == fs_uuid
+    assert blkid_tags(dev)["UUID"] == fs_uuid
 
 
 @pytest.mark.parametrize("label", ["legacy-data", None], ids=["other-label", "no-label"])
@@ -115,7 +120,7 @@ def test_hand_made_ext4_is_reused_whatever_its_label(loop_device, label):
     dev = loop_device("64M")
     sh("mkfs.ext4", "-q", *(["-L", label] if label else []), dev)
     before = sha256_of_device(dev)
-    decision = probe.decide(gather(dev))
+    decision = blank.decide(gather(dev))
     assert decision.action == "reuse", decision.reason
     assert decision.fs_uuid == blkid_tags(dev)["UUID"]
     assert decision.fs_label == label
@@ -131,7 +136,7 @@ def test_mounted_ext4_is_reused_and_says_where(loop_device, tmp_path):
     mnt.mkdir()
     sh("mount", "-o", "ro", dev, mnt)
     try:
-        decision = probe.decide(gather(dev))
+        decision = blank.decide(gather(dev))
         assert decision.action == "reuse"
         assert f"mounted at {mnt}" in decision.reason
     finally:
@@ -234,7 +239,7 @@ def test_signature_is_refused_and_untouched(loop_device, tmp_path, size, tool, p
     try:
         decision = assert_refused_untouched(dev, expected)
         assert decision.hint
-        line = str(probe.refusal_error(decision, dev, "vol-0123456789abcdef0"))
+        line = str(blank.refusal_error(decision, dev, "vol-0123456789abcdef0"))
         assert line.endswith("refusing to format it (volume vol-0123456789abcdef0)")
     finally:
         if setup is make_lvm:
@@ -249,7 +254,7 @@ def test_signature_names_and_offsets_from_wipefs(loop_device):
     evidence = gather(dev)
     assert set(evidence.wipefs_signatures) == {"gpt at 0x200", f"gpt at {size_of(dev) - 512:#x}",
                                                "PMBR at 0x1fe"}
-    assert "gpt at 0x200" in probe.decide(evidence).reason
+    assert "gpt at 0x200" in blank.decide(evidence).reason
 
 
 def test_data_only_in_the_last_mib_is_refused(loop_device):
@@ -257,16 +262,22 @@ def test_data_only_in_the_last_mib_is_refused(loop_device):
     at = size_of(dev) - 4096
     write_at(dev, at, random_block())
     assert_refused_untouched(dev, f"has non-zero bytes at offset {at}")
-    assert probe.gather_evidence(dev, size_bytes=size_of(dev)).blkid_exit == 2  # nothing named it
+    assert disk.gather_evidence(dev, size_bytes=size_of(dev)).blkid_exit == 2  # nothing named it
 
 
-def test_data_only_in_the_middle_is_not_seen(loop_device):
-    """The known limit of the first/last-MiB rule, kept visible: data that starts and ends more
-    than 1 MiB inside the device, with no signature, is not detected (reading a whole EBS volume
-    to prove it blank would take hours)."""
-    dev = loop_device("64M")
-    write_at(dev, 32 * MIB, random_block())
-    assert probe.decide(gather(dev)).action == "format"
+def test_data_on_a_stride_sample_is_refused(loop_device):
+    dev = loop_device("1G")
+    write_at(dev, 192 * MIB + 8192, random_block())
+    assert_refused_untouched(dev, f"has non-zero bytes at offset {192 * MIB + 8192}")
+
+
+def test_data_only_between_samples_is_not_seen(loop_device):
+    """The known limit of the sampled proof, kept visible: data without a signature that lies
+    wholly between two samples (64 KiB every 64 MiB) and away from the first and last 8 MiB is
+    not detected (reading a whole EBS volume to prove it blank would take hours)."""
+    dev = loop_device("256M")
+    write_at(dev, 100 * MIB, random_block())
+    assert blank.decide(gather(dev)).action == "format"
 
 
 def test_following_the_erase_hint_makes_it_blank(loop_device):
@@ -276,21 +287,22 @@ def test_following_the_erase_hint_makes_it_blank(loop_device):
     dev = loop_device("300M")
     sh("mkfs.xfs", "-q", dev)
     sh("wipefs", "-a", "-q", dev)
-    decision = probe.decide(gather(dev))
+    decision = blank.decide(gather(dev))
     assert decision.action == "refuse" and "non-zero bytes at offset" in decision.reason
-    sh("blkdiscard", "-z", "-l", "1MiB", dev)
-    sh("blkdiscard", "-z", "-o", str(size_of(dev) - MIB), dev)
-    assert probe.decide(gather(dev)).action == "format"
-    assert "blkdiscard -z -l 1MiB" in probe.refusal_error(decision, dev).hint
+    hint = blank.refusal_error(decision, dev).hint
+    assert f"blkdiscard -z {dev}" in hint
+    sh("blkdiscard", "-z", dev)
+    assert blank.decide(gather(dev)).action == "format"
 
 
 # --- in use: mounted, swap, partitions, root disk --------------------------------------------
 
-def without_content(evidence: probe.Evidence) -> probe.Evidence:
+def without_content(evidence: blank.Evidence) -> blank.Evidence:
     """The same evidence with the device's content made blank: what remains must still refuse."""
     return dataclasses.replace(evidence, blkid_exit=2, blkid={}, blkid_error=None,
                                wipefs_signatures=(), wipefs_error=None,
-                               head_nonzero_offset=None, tail_nonzero_offset=None)
+                               head_nonzero_offset=None, tail_nonzero_offset=None,
+                               sample_nonzero_offset=None)
 
 
 def test_mounted_device_is_refused(loop_device, tmp_path):
@@ -306,10 +318,10 @@ def test_mounted_device_is_refused(loop_device, tmp_path):
         assert "btrfs" in decision.reason
         evidence = gather(dev)
         assert str(mnt) in evidence.mounted_at
-        alone = probe.decide(without_content(evidence))
+        alone = blank.decide(without_content(evidence))
         assert alone.action == "refuse" and f"mounted at {mnt}" in alone.reason
         # Even with no mountinfo at all, the kernel's exclusive-open refusal gives it away.
-        blind = probe.decide(without_content(gather(dev, mountinfo="")))
+        blind = blank.decide(without_content(gather(dev, mountinfo="")))
         assert blind.action == "refuse" and "exclusive open" in blind.reason
     finally:
         sh("umount", mnt, check=False)
@@ -322,8 +334,8 @@ def test_active_swap_is_refused(loop_device):
     sh("swapon", dev)
     try:
         evidence = gather(dev)
-        assert probe.SWAP_MARK in evidence.mounted_at
-        alone = probe.decide(without_content(evidence))
+        assert blank.SWAP_MARK in evidence.mounted_at
+        alone = blank.decide(without_content(evidence))
         assert alone.action == "refuse" and "is active swap" in alone.reason
     finally:
         sh("swapoff", dev, check=False)
@@ -372,7 +384,7 @@ def test_device_with_a_partition_is_refused(partitioned_loop):
     evidence = gather(dev)
     assert evidence.partitions == (f"{name}p1",)
     assert_refused_untouched(dev, f"has partitions {name}p1")
-    alone = probe.decide(without_content(evidence))
+    alone = blank.decide(without_content(evidence))
     assert alone.action == "refuse" and f"has partitions {name}p1" in alone.reason
 
 
@@ -391,7 +403,7 @@ def test_mounted_partition_makes_its_disk_mounted(partitioned_loop, tmp_path):
     try:
         evidence = gather(dev)
         assert str(mnt) in evidence.mounted_at
-        assert probe.decide(evidence).action == "refuse"
+        assert blank.decide(evidence).action == "refuse"
     finally:
         sh("umount", mnt, check=False)
 
@@ -402,7 +414,7 @@ def test_root_disk_is_refused_via_its_partition(partitioned_loop):
     mountinfo = f"27 1 {partition_majmin(dev)} / / rw,relatime - ext4 {dev}p1 rw\n"
     evidence = gather(dev, mountinfo=mountinfo)
     assert evidence.is_root_disk
-    alone = probe.decide(without_content(dataclasses.replace(evidence, partitions=())))
+    alone = blank.decide(without_content(dataclasses.replace(evidence, partitions=())))
     assert alone.action == "refuse" and "is the root disk" in alone.reason
 
 
@@ -415,7 +427,7 @@ def test_root_disk_whole_device_even_if_ext4(loop_device):
     mountinfo = f"27 1 {majmin} / / rw,relatime - ext4 {dev} rw\n"
     evidence = gather(dev, mountinfo=mountinfo)
     assert evidence.is_root_disk
-    decision = probe.decide(evidence)
+    decision = blank.decide(evidence)
     assert decision.action == "refuse" and "is the root disk" in decision.reason
     assert not gather(dev, mountinfo="").is_root_disk
 
@@ -424,7 +436,7 @@ def test_root_disk_whole_device_even_if_ext4(loop_device):
 
 def test_formatted_tag_on_a_blank_device_is_refused(loop_device):
     dev = loop_device("64M")
-    assert probe.decide(gather(dev)).action == "format"
+    assert blank.decide(gather(dev)).action == "format"
     assert_refused_untouched(dev, "hostagent:formatted=2024-05-01T10:00:00Z", content_refused=False,
                              formatted_tag="2024-05-01T10:00:00Z")
 
@@ -436,6 +448,6 @@ def test_serial_naming_another_volume_is_refused(loop_device):
                                         serial_volume_id="vol0fffffffffffffffff",
                                         expected_volume_id="vol-0123456789abcdef0")
     assert "hostagent devices" in decision.hint
-    matching = probe.decide(gather(dev, serial_volume_id="vol0123456789abcdef0",
+    matching = blank.decide(gather(dev, serial_volume_id="vol0123456789abcdef0",
                                    expected_volume_id="vol-0123456789abcdef0"))
     assert matching.action == "format"

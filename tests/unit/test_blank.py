@@ -8,8 +8,10 @@ import subprocess
 
 import pytest
 
-from hostagent.adapters import probe
-from hostagent.adapters.probe import Decision, Evidence, decide, is_proven_blank
+from hostagent import blank
+from hostagent.adapters import disk, superblock
+from hostagent.adapters.mkfs import mkfs_argv
+from hostagent.blank import Decision, Evidence, decide, is_proven_blank
 from hostagent.errors import CommandError, EXIT_REFUSED, OperationError, RefusedError, UsageError
 from hostagent.runner import Completed
 from tests.support.hosttools import need_tool
@@ -197,7 +199,7 @@ ONE_RULE_EACH = [
     ("zero size", dict(size_bytes=0), "0 bytes"),
     ("data in head", dict(head_nonzero_offset=4096), "non-zero bytes at offset 4096"),
     ("data in tail", dict(tail_nonzero_offset=100 * GIB - 17), f"non-zero bytes at offset {100 * GIB - 17}"),
-    ("blkid found xfs", dict(blkid_exit=0, blkid=probe.parse_blkid_export(BLKID_XFS)), "xfs filesystem"),
+    ("blkid found xfs", dict(blkid_exit=0, blkid=blank.parse_blkid_export(BLKID_XFS)), "xfs filesystem"),
     ("blkid usage error", dict(blkid_exit=4, blkid_error=BLKID_USAGE_STDERR.strip()), "exit 4"),
     ("blkid ambivalent", dict(blkid_exit=8, blkid_error=BLKID_AMBIVALENT_STDERR.strip()), "ambivalent"),
     ("blkid timed out", dict(blkid_exit=None, blkid_error="timed out"), "timed out"),
@@ -210,8 +212,8 @@ ONE_RULE_EACH = [
     ("partition", dict(partitions=("nvme1n1p1",)), "partitions nvme1n1p1"),
     ("holder", dict(holders=("dm-0",)), "held by dm-0"),
     ("mounted", dict(mounted_at=("/mnt/data",)), "mounted at /mnt/data"),
-    ("swap", dict(mounted_at=(probe.SWAP_MARK,)), "swap"),
-    ("busy", dict(mounted_at=(probe.IN_USE_MARK,)), "exclusive open"),
+    ("swap", dict(mounted_at=(blank.SWAP_MARK,)), "swap"),
+    ("busy", dict(mounted_at=(blank.IN_USE_MARK,)), "exclusive open"),
     ("root disk", dict(is_root_disk=True), "root disk"),
     ("serial names another volume", dict(serial_volume_id="vol0fffffffffffffffff"), "vol0fffffffffffffffff"),
     ("serial unknown", dict(serial_volume_id=None), "cannot be proven to be vol-0123456789abcdef0"),
@@ -252,8 +254,8 @@ CAPTURED = [
 @pytest.mark.parametrize("blkid_out, wipefs_out, head, action, expected",
                          [c[1:] for c in CAPTURED], ids=[c[0] for c in CAPTURED])
 def test_captured_tool_output(blkid_out, wipefs_out, head, action, expected):
-    evidence = with_(blkid_exit=0, blkid=probe.parse_blkid_export(blkid_out),
-                     wipefs_signatures=probe.parse_wipefs_json(wipefs_out), head_nonzero_offset=head)
+    evidence = with_(blkid_exit=0, blkid=blank.parse_blkid_export(blkid_out),
+                     wipefs_signatures=blank.parse_wipefs_json(wipefs_out), head_nonzero_offset=head)
     decision = decide(evidence)
     assert decision.action == action
     assert expected in decision.reason
@@ -262,21 +264,21 @@ def test_captured_tool_output(blkid_out, wipefs_out, head, action, expected):
 
 
 def test_captured_nothing_found_is_blank():
-    evidence = with_(blkid_exit=2, blkid=probe.parse_blkid_export(BLKID_NOTHING),
-                     wipefs_signatures=probe.parse_wipefs_json(WIPEFS_BLANK))
+    evidence = with_(blkid_exit=2, blkid=blank.parse_blkid_export(BLKID_NOTHING),
+                     wipefs_signatures=blank.parse_wipefs_json(WIPEFS_BLANK))
     assert decide(evidence).action == "format"
 
 
 def test_wipefs_offsets_are_named_in_the_refusal():
-    evidence = with_(blkid_exit=0, blkid=probe.parse_blkid_export(BLKID_GPT),
-                     wipefs_signatures=probe.parse_wipefs_json(WIPEFS_GPT))
+    evidence = with_(blkid_exit=0, blkid=blank.parse_blkid_export(BLKID_GPT),
+                     wipefs_signatures=blank.parse_wipefs_json(WIPEFS_GPT))
     reason = decide(evidence).reason
     assert "gpt at 0x200, gpt at 0x3fffe00, PMBR at 0x1fe" in reason
 
 
 def test_ext4_reuse_carries_uuid_and_label():
-    ev = with_(blkid_exit=0, blkid=probe.parse_blkid_export(BLKID_EXT4_LABEL),
-               wipefs_signatures=probe.parse_wipefs_json(WIPEFS_EXT4), head_nonzero_offset=0x400)
+    ev = with_(blkid_exit=0, blkid=blank.parse_blkid_export(BLKID_EXT4_LABEL),
+               wipefs_signatures=blank.parse_wipefs_json(WIPEFS_EXT4), head_nonzero_offset=0x400)
     assert decide(ev) == Decision(
         "reuse",
         f"{DEV} holds an ext4 filesystem (UUID b032c618-40a3-4813-9511-197b47c79f70, LABEL couchdb);"
@@ -285,18 +287,18 @@ def test_ext4_reuse_carries_uuid_and_label():
 
 
 def test_ext4_without_label_is_reused_with_no_label():
-    ev = with_(blkid_exit=0, blkid=probe.parse_blkid_export(BLKID_EXT4_NO_LABEL))
+    ev = with_(blkid_exit=0, blkid=blank.parse_blkid_export(BLKID_EXT4_NO_LABEL))
     decision = decide(ev)
     assert (decision.action, decision.fs_uuid, decision.fs_label) == (
         "reuse", "3f65737e-e3eb-406c-ba78-f316dffb7019", None)
 
 
 def test_ext4_label_with_space_is_unescaped():
-    decision = decide(with_(blkid_exit=0, blkid=probe.parse_blkid_export(BLKID_EXT4_SPACED_LABEL)))
+    decision = decide(with_(blkid_exit=0, blkid=blank.parse_blkid_export(BLKID_EXT4_SPACED_LABEL)))
     assert decision.fs_label == "my data"
 
 
-EXT4 = dict(blkid_exit=0, blkid=probe.parse_blkid_export(BLKID_EXT4_LABEL),
+EXT4 = dict(blkid_exit=0, blkid=blank.parse_blkid_export(BLKID_EXT4_LABEL),
             wipefs_signatures=("ext4 at 0x438",), head_nonzero_offset=0x400)
 
 
@@ -323,7 +325,7 @@ def test_mounted_ext4_reuse_says_where():
     (dict(read_error="read: Input/output error"), "Input/output error"),
     (dict(wipefs_signatures=("ext4 at 0x438", "gpt at 0x200")), "gpt at 0x200"),
     (dict(wipefs_error="wipefs timed out"), "wipefs"),
-    (dict(blkid={**probe.parse_blkid_export(BLKID_EXT4_LABEL), "PTTYPE": "gpt"}), "gpt partition table"),
+    (dict(blkid={**blank.parse_blkid_export(BLKID_EXT4_LABEL), "PTTYPE": "gpt"}), "gpt partition table"),
 ], ids=["root", "wrong-volume", "partitions", "holders", "unreadable", "extra-signature",
         "wipefs-failed", "pttype"])
 def test_ext4_is_not_reused_when_it_is_not_clearly_ours_to_use(changes, expected):
@@ -333,7 +335,7 @@ def test_ext4_is_not_reused_when_it_is_not_clearly_ours_to_use(changes, expected
 
 
 def test_several_findings_are_all_named_on_one_line():
-    decision = decide(with_(blkid_exit=0, blkid=probe.parse_blkid_export(BLKID_XFS),
+    decision = decide(with_(blkid_exit=0, blkid=blank.parse_blkid_export(BLKID_XFS),
                             mounted_at=("/srv",), partitions=("nvme1n1p1",)))
     assert decision.reason == (
         f"{DEV} has partitions nvme1n1p1; is mounted at /srv; holds an xfs filesystem "
@@ -341,8 +343,8 @@ def test_several_findings_are_all_named_on_one_line():
 
 
 def test_refusal_error_is_exit_3_with_volume_and_hint():
-    decision = decide(with_(blkid_exit=0, blkid=probe.parse_blkid_export(BLKID_XFS)))
-    err = probe.refusal_error(decision, DEV, "vol-0123456789abcdef0")
+    decision = decide(with_(blkid_exit=0, blkid=blank.parse_blkid_export(BLKID_XFS)))
+    err = blank.refusal_error(decision, DEV, "vol-0123456789abcdef0")
     assert isinstance(err, RefusedError) and err.exit_code == EXIT_REFUSED
     assert str(err) == (f"{DEV} holds an xfs filesystem (UUID 0f515bce-2fba-401d-af78-7c7c13245e8c);"
                         " refusing to format it (volume vol-0123456789abcdef0)")
@@ -356,7 +358,7 @@ def test_refusal_error_is_exit_3_with_volume_and_hint():
     (dict(serial_volume_id="vol0fffffffffffffffff"), "hostagent devices"),
 ])
 def test_hint_fits_the_first_finding(changes, hint_part):
-    assert hint_part in probe.refusal_error(decide(with_(**changes)), DEV).hint
+    assert hint_part in blank.refusal_error(decide(with_(**changes)), DEV).hint
 
 
 # --- parsers -----------------------------------------------------------------------------
@@ -375,15 +377,15 @@ def test_hint_fits_the_first_finding(changes, hint_part):
                  "BLOCK_SIZE": "512", "TYPE": "xfs", "USAGE": "filesystem"}),
 ])
 def test_parse_blkid_export(text, expected):
-    assert probe.parse_blkid_export(text) == expected
+    assert blank.parse_blkid_export(text) == expected
 
 
 def test_parse_wipefs_json():
-    assert probe.parse_wipefs_json("") == ()
-    assert probe.parse_wipefs_json(WIPEFS_BLANK) == ()
-    assert probe.parse_wipefs_json(WIPEFS_GPT) == ("gpt at 0x200", "gpt at 0x3fffe00", "PMBR at 0x1fe")
+    assert blank.parse_wipefs_json("") == ()
+    assert blank.parse_wipefs_json(WIPEFS_BLANK) == ()
+    assert blank.parse_wipefs_json(WIPEFS_GPT) == ("gpt at 0x200", "gpt at 0x3fffe00", "PMBR at 0x1fe")
     with pytest.raises(ValueError):
-        probe.parse_wipefs_json("xfs 0x0")
+        blank.parse_wipefs_json("xfs 0x0")
 
 
 # --- command wrappers with a stand-in runner ----------------------------------------------
@@ -406,45 +408,47 @@ def fake_run(returncode=0, stdout="", stderr="", raises=None):
 
 
 def test_probe_blkid_outcomes():
-    assert probe.probe_blkid(DEV, fake_run(2)) == (2, {}, None)
-    code, info, err = probe.probe_blkid(DEV, fake_run(0, BLKID_XFS))
+    assert disk.probe_blkid(DEV, fake_run(2)) == (2, {}, None)
+    code, info, err = disk.probe_blkid(DEV, fake_run(0, BLKID_XFS))
     assert (code, info["TYPE"], err) == (0, "xfs", None)
-    assert probe.probe_blkid(DEV, fake_run(8, "", BLKID_AMBIVALENT_STDERR)) == (
+    assert disk.probe_blkid(DEV, fake_run(8, "", BLKID_AMBIVALENT_STDERR)) == (
         8, {}, BLKID_AMBIVALENT_STDERR.strip())
-    assert probe.probe_blkid(DEV, fake_run(4, "", ""))[2] == "exit 4"
+    assert disk.probe_blkid(DEV, fake_run(4, "", ""))[2] == "exit 4"
     timeout = CommandError(["blkid"], None, timed_out=True)
-    assert probe.probe_blkid(DEV, fake_run(raises=timeout)) == (None, {}, "timed out")
+    assert disk.probe_blkid(DEV, fake_run(raises=timeout)) == (None, {}, "timed out")
     missing = OperationError("required program 'blkid' not found")
-    assert probe.probe_blkid(DEV, fake_run(raises=missing))[0] is None
+    assert disk.probe_blkid(DEV, fake_run(raises=missing))[0] is None
 
 
 def test_probe_blkid_argv_is_low_level_export():
     run = fake_run(2)
-    probe.probe_blkid(DEV, run)
+    disk.probe_blkid(DEV, run)
     assert run.calls == [["blkid", "-p", "-o", "export", DEV]]
 
 
 def test_probe_wipefs_never_acts_and_reports_failures():
     run = fake_run(0, WIPEFS_XFS)
-    assert probe.probe_wipefs(DEV, run) == (("xfs at 0x0",), None)
+    assert disk.probe_wipefs(DEV, run) == (("xfs at 0x0",), None)
     assert "--no-act" in run.calls[0] and "-a" not in run.calls[0]
     failing = fake_run(1, "", "wipefs: error: /dev/x: probing initialization failed")
-    sigs, err = probe.probe_wipefs(DEV, failing)
+    sigs, err = disk.probe_wipefs(DEV, failing)
     assert sigs == () and "probing initialization failed" in err
-    assert probe.probe_wipefs(DEV, fake_run(0, "not json"))[1].startswith("unreadable output")
+    assert disk.probe_wipefs(DEV, fake_run(0, "not json"))[1].startswith("unreadable output")
 
 
-@pytest.mark.parametrize("label", ["a-label-of-17-chr", "données-données", "", "-L"])
-def test_format_ext4_rejects_bad_labels_before_running_anything(label):
-    run = fake_run(0)
-    with pytest.raises(UsageError):
-        probe.format_ext4(DEV, label, run)
-    assert run.calls == []
+def test_mkfs_argv_passes_our_uuid_and_forces_only_a_resume():
+    argv = mkfs_argv(DEV, "couchdb", "3f65737e-e3eb-406c-ba78-f316dffb7019")
+    assert argv == ["mkfs.ext4", "-q", "-L", "couchdb", "-m", "0", "-U",
+                    "3f65737e-e3eb-406c-ba78-f316dffb7019", "-E",
+                    "lazy_itable_init=1,lazy_journal_init=1,nodiscard", DEV]
+    forced = mkfs_argv(DEV, "couchdb", "3f65737e-e3eb-406c-ba78-f316dffb7019", force=True)
+    assert forced.count("-F") == 1 and forced[-1] == DEV
 
 
-def test_filesystem_uuid_with_runner():
-    assert probe.filesystem_uuid(DEV, fake_run(0, BLKID_EXT4_LABEL)) == "b032c618-40a3-4813-9511-197b47c79f70"
-    assert probe.filesystem_uuid(DEV, fake_run(2)) is None
+def test_filesystem_info_with_runner():
+    info = disk.filesystem_info(DEV, fake_run(0, BLKID_EXT4_LABEL))
+    assert info["UUID"] == "b032c618-40a3-4813-9511-197b47c79f70"
+    assert disk.filesystem_info(DEV, fake_run(2)) == {}
 
 
 # --- sysfs and mountinfo walking on a hand-made sysfs tree ----------------------------------
@@ -476,17 +480,17 @@ def make_sysfs(tmp_path):
 
 def test_underlying_disks_resolves_partitions_and_device_mapper(tmp_path):
     sys_block = make_sysfs(tmp_path)
-    assert probe._underlying_disks("8:1", sys_block) == {"8:0"}
-    assert probe._underlying_disks("253:0", sys_block) == {"8:0"}
-    assert probe._underlying_disks("8:16", sys_block) == {"8:16"}
-    assert probe._underlying_disks("9:9", sys_block) == {"9:9"}  # unknown: itself, never empty
+    assert disk.underlying_disks("8:1", sys_block) == {"8:0"}
+    assert disk.underlying_disks("253:0", sys_block) == {"8:0"}
+    assert disk.underlying_disks("8:16", sys_block) == {"8:16"}
+    assert disk.underlying_disks("9:9", sys_block) == {"9:9"}  # unknown: itself, never empty
 
 
 def test_parse_mountinfo_reads_device_mount_point_and_source():
     text = ("27 1 254:0 / / rw,relatime - ext4 /dev/vda rw\n"
             "43 27 0:39 / /tmp/my\\040mnt rw,relatime - btrfs /dev/loop0 rw,subvol=/\n"
             "short line\n")
-    mounts = probe._mounts_from(text)
+    mounts = disk._mounts_from(text)
     assert [(m.major_minor, m.mount_point, m.source) for m in mounts] == [
         ("254:0", "/", "/dev/vda"), ("0:39", "/tmp/my mnt", "/dev/loop0")]
 
@@ -494,7 +498,7 @@ def test_parse_mountinfo_reads_device_mount_point_and_source():
 def test_gather_evidence_on_a_regular_file_is_not_blank(tmp_path):
     image = tmp_path / "file.img"
     image.write_bytes(b"\0" * (2 << 20))
-    ev = probe.gather_evidence(str(image), size_bytes=2 << 20, run=fake_run(2),
+    ev = disk.gather_evidence(str(image), size_bytes=2 << 20, run=fake_run(2),
                                mountinfo="", swaps="")
     assert ev.read_error == "not a block device"
     assert decide(ev).action == "refuse"
@@ -521,20 +525,130 @@ def blkid_value(image: str, tag: str) -> str:
 @pytest.mark.parametrize("label", ["couchdb", "sixteen-chars-16", "données"])
 def test_read_ext4_superblock_matches_blkid(tmp_path, label):
     image = mkfs_image(tmp_path, "-L", label)
-    fs_uuid, got_label = probe.read_ext4_superblock(image)
-    assert got_label == label
-    assert fs_uuid == blkid_value(image, "UUID")
+    sb = superblock.read_superblock(image)
+    assert sb.label == label
+    assert sb.uuid == blkid_value(image, "UUID")
+    assert (sb.ever_mounted, sb.records_errors) == (False, False)
+    assert sb.size_bytes == 8 << 20
 
 
 def test_read_ext4_superblock_without_label(tmp_path):
     image = mkfs_image(tmp_path, "-U", "3f65737e-e3eb-406c-ba78-f316dffb7019")
-    assert probe.read_ext4_superblock(image) == ("3f65737e-e3eb-406c-ba78-f316dffb7019", "")
+    sb = superblock.read_superblock(image)
+    assert (sb.uuid, sb.label) == ("3f65737e-e3eb-406c-ba78-f316dffb7019", "")
 
 
 def test_read_ext4_superblock_on_non_ext_data(tmp_path):
     zeros = tmp_path / "zeros.img"
     zeros.write_bytes(b"\0" * 4096)
-    assert probe.read_ext4_superblock(str(zeros)) is None
+    assert superblock.read_superblock(str(zeros)) is None
     short = tmp_path / "short.img"
     short.write_bytes(b"\0" * 1100)
-    assert probe.read_ext4_superblock(str(short)) is None
+    assert superblock.read_superblock(str(short)) is None
+
+
+# --- what the blank proof reads -----------------------------------------------------------
+
+TIB = 1 << 40
+
+
+@pytest.mark.parametrize("size, samples, max_read", [
+    (16 * GIB, 254, 32 * (1 << 20)),  # 16 MiB of edges + 254 × 64 KiB
+    (TIB, 16382, (1 << 30) + 16 * (1 << 20)),  # the 1 TiB bound: 1 GiB of samples
+    (64 * TIB, 16383, (1 << 30) + 16 * (1 << 20)),  # wider stride, never more samples
+    (10 * (1 << 20), 0, 10 * (1 << 20)),  # small: the whole device
+])
+def test_sample_plan_is_bounded(size, samples, max_read):
+    offsets = disk.sample_offsets(size)
+    assert abs(len(offsets) - samples) <= 2
+    assert all(o % disk.SAMPLE_BYTES == 0 for o in offsets)
+    assert all(disk.EDGE_BYTES <= o <= size - disk.EDGE_BYTES - disk.SAMPLE_BYTES for o in offsets)
+    edges = min(size, 2 * disk.EDGE_BYTES)
+    assert edges + len(offsets) * disk.SAMPLE_BYTES <= max_read
+    assert "read" in disk.describe_reads(size)
+
+
+def test_every_64_mib_boundary_is_sampled_up_to_1_tib():
+    offsets = set(disk.sample_offsets(16 * GIB))
+    assert {n * 64 * (1 << 20) for n in range(1, 255)} <= offsets
+
+
+def sparse_image(tmp_path, size, chunks=()):
+    image = tmp_path / "sparse.img"
+    with open(image, "wb") as f:
+        f.truncate(size)
+        for offset, data in chunks:
+            f.seek(offset)
+            f.write(data)
+    return str(image)
+
+
+@pytest.mark.parametrize("where, field", [
+    (4 * (1 << 20), "head_nonzero_offset"),  # inside the first 8 MiB, past the old 1 MiB
+    (1 * GIB - 5 * (1 << 20), "tail_nonzero_offset"),
+    (192 * (1 << 20), "sample_nonzero_offset"),  # only the stride sample can see it
+])
+def test_read_content_finds_data_where_the_old_proof_was_blind(tmp_path, where, field):
+    image = sparse_image(tmp_path, GIB, [(where, b"\x01" * 512)])
+    content = disk.read_content(image, GIB)
+    assert content.read_error is None
+    assert getattr(content, field) == where
+
+
+def test_read_content_of_zeros_reads_the_planned_bytes(tmp_path):
+    image = sparse_image(tmp_path, GIB)
+    content = disk.read_content(image, GIB)
+    assert (content.head_nonzero_offset, content.tail_nonzero_offset,
+            content.sample_nonzero_offset) == (None, None, None)
+    assert content.bytes_read == 16 * (1 << 20) + len(disk.sample_offsets(GIB)) * disk.SAMPLE_BYTES
+    assert content.summary == disk.describe_reads(GIB)
+
+
+def test_read_content_size_mismatch_is_a_read_error(tmp_path):
+    image = sparse_image(tmp_path, 64 << 20)
+    assert "expected" in disk.read_content(image, 65 << 20).read_error
+
+
+@pytest.mark.parametrize("changes, words", [
+    (dict(sample_nonzero_offset=192 << 20), "non-zero bytes at offset 201326592"),
+    (dict(users=("backs /dev/loop7 (a loop device reads and writes through it)",)), "/dev/loop7"),
+    (dict(users=("is mounted at /srv in the mount namespace of pid 4242",)), "pid 4242"),
+    (dict(snapshot_id="snap-0123456789abcdef0"), "snap-0123456789abcdef0"),
+])
+def test_new_evidence_refuses(changes, words):
+    ev = with_(**changes)
+    assert not is_proven_blank(ev)
+    decision = decide(ev)
+    assert decision.action == "refuse" and words in decision.reason
+
+
+def test_a_loop_on_top_forbids_reusing_an_ext4_too():
+    ev = with_(**EXT4, users=("backs /dev/loop7 (a loop device reads and writes through it)",))
+    assert decide(ev).action == "refuse"
+
+
+def test_own_interrupted_format_is_only_our_uuid_or_nothing_at_all():
+    uuid = "b032c618-40a3-4813-9511-197b47c79f70"  # BLKID_EXT4_LABEL's
+    assert blank.is_own_interrupted_format(with_(head_nonzero_offset=4096), uuid) == "partial"
+    assert blank.is_own_interrupted_format(with_(**EXT4), uuid) == "complete"
+    assert blank.is_own_interrupted_format(with_(**EXT4), "00000000-0000-0000-0000-000000000000") is None
+    xfs = with_(blkid_exit=0, blkid=blank.parse_blkid_export(BLKID_XFS),
+                wipefs_signatures=("xfs at 0x0",))
+    assert blank.is_own_interrupted_format(xfs, uuid) is None
+    assert blank.is_own_interrupted_format(with_(mounted_at=("/x",)), uuid) is None
+    assert blank.is_own_interrupted_format(with_(users=("backs /dev/loop7",)), uuid) is None
+
+
+def test_superblock_records_errors_set_by_debugfs(tmp_path):
+    need_tool("debugfs", "e2fsprogs")
+    image = mkfs_image(tmp_path, "-L", "couchdb")
+    subprocess.run(["debugfs", "-w", "-R", "ssv state 2", image], check=True, capture_output=True,
+                   env={"PATH": "/usr/sbin:/sbin:/usr/bin:/bin"})
+    sb = superblock.read_superblock(image)
+    assert sb.has_errors and sb.records_errors
+    subprocess.run(["debugfs", "-w", "-R", "ssv state 1", image], check=True, capture_output=True,
+                   env={"PATH": "/usr/sbin:/sbin:/usr/bin:/bin"})
+    subprocess.run(["debugfs", "-w", "-R", "ssv error_count 3", image], check=True,
+                   capture_output=True, env={"PATH": "/usr/sbin:/sbin:/usr/bin:/bin"})
+    sb = superblock.read_superblock(image)
+    assert (sb.has_errors, sb.error_count, sb.records_errors) == (False, 3, True)
