@@ -68,6 +68,11 @@ class Partition:
     holders: tuple[str, ...] = ()
 
 
+def number_text(dev: int) -> str:
+    """A dev_t as sysfs and mountinfo spell it: "259:1"."""
+    return f"{os.major(dev)}:{os.minor(dev)}"
+
+
 def device_number(path: str) -> str | None:
     """major:minor of the block device node at path (symlinks followed), or None when path is
     not one: the one device-number lookup."""
@@ -77,7 +82,7 @@ def device_number(path: str) -> str | None:
         return None
     if not stat.S_ISBLK(st.st_mode):
         return None
-    return f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
+    return number_text(st.st_rdev)
 
 
 def volume_id_from_serial(serial: str) -> str | None:
@@ -354,7 +359,7 @@ def resolve_explicit_device(
     if not stat.S_ISBLK(st.st_mode):
         raise UsageError(f"not a block device: it is {_kind_of(st.st_mode)}", where=path,
                          hint="volume.device must be a whole disk such as /dev/nvme1n1 or /dev/loop3")
-    major_minor = f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
+    major_minor = number_text(st.st_rdev)
     for device in devices:
         if device.major_minor == major_minor:
             if volume_id and device.volume_id and device.volume_id != volume_id:

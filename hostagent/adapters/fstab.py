@@ -136,17 +136,11 @@ def render_entry(entry: FstabEntry) -> str:
 
 def desired_entry(uuid: str, mount_point: str, fstype: str, options: str,
                   device_timeout: int) -> FstabEntry:
-    """Our line: by UUID, the configured options plus nofail, a device timeout and our tag."""
+    """Our line: by UUID, the configured options plus nofail, a device timeout and our tag.
+    mount_point and device_timeout come validated from config (absolute; timeout ≥ 1 s, as
+    systemd reads 0 as "wait forever"); the UUID comes from a disk and is checked here."""
     if not _UUID.fullmatch(uuid or ""):
         raise UsageError(f"{uuid!r} is not a filesystem UUID", where=mount_point)
-    if not mount_point.startswith("/"):
-        raise UsageError(f"mount point {mount_point!r} must be an absolute path",
-                         where="filesystem.mount_point")
-    if device_timeout < 1:
-        # systemd reads x-systemd.device-timeout=0 as "wait forever": a missing volume would
-        # then hang the boot, the very thing nofail and the timeout are there to prevent.
-        raise UsageError(f"device timeout must be at least 1 second, got {device_timeout}",
-                         where="filesystem.device_timeout")
     timeout = f"{DEVICE_TIMEOUT_OPTION}={device_timeout}s"
     opts: list[str] = []
     for opt in options.split(","):

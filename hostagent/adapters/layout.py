@@ -33,8 +33,9 @@ def _kind(mode: int) -> str:
 
 
 def device_of_fd(fd: int) -> str:
-    st = os.fstat(fd)
-    return f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}"
+    from hostagent.adapters.blockdev import number_text
+
+    return number_text(os.fstat(fd).st_dev)
 
 
 @contextlib.contextmanager
