@@ -52,9 +52,10 @@ def format_ext4(device_path: str, label: str, uuid: str, *, size_bytes: int,
 
 
 def fsck_preen(device_path: str, run=runner.run) -> str:
-    """`e2fsck -p` on an unmounted ext4 whose superblock records errors. Exit 3 when preen
+    """`e2fsck -f -p` on an unmounted ext4 whose superblock records errors (-f: with only an error
+    count recorded and the state clean, plain -p says "clean" and keeps the count). Exit 3 when preen
     cannot fix it: that needs a person answering e2fsck's questions."""
-    done = run(["e2fsck", "-p", device_path], timeout=FSCK_TIMEOUT, ok_codes=range(256), input="")
+    done = run(["e2fsck", "-f", "-p", device_path], timeout=FSCK_TIMEOUT, ok_codes=range(256), input="")
     if done.returncode in FSCK_CORRECTED:
         return "clean" if done.returncode == 0 else "errors corrected by e2fsck -p"
     last = (done.stdout.strip() or done.stderr.strip()).splitlines()[-1:] or [""]
@@ -64,7 +65,7 @@ def fsck_preen(device_path: str, run=runner.run) -> str:
             "refusing to mount it", where=device_path,
             hint=f"snapshot the volume first, then run `e2fsck -f {device_path}` by hand and "
                  "answer its questions; then run bootstrap again")
-    raise CommandError(["e2fsck", "-p", device_path], done.returncode, done.stdout, done.stderr)
+    raise CommandError(["e2fsck", "-f", "-p", device_path], done.returncode, done.stdout, done.stderr)
 
 
 def is_clean(device_path: str, run=runner.run) -> bool:
