@@ -103,7 +103,7 @@ def setup_logging(verbose: int, *, for_agent: bool = False) -> None:
     # Under systemd (JOURNAL_STREAM set) journald adds the time and unit name itself.
     fmt = "%(message)s" if os.environ.get("JOURNAL_STREAM") else "hostagent: %(message)s"
     logging.basicConfig(level=level, format=fmt, stream=sys.stderr)
-    for noisy in ("botocore", "boto3", "urllib3", "sh"):
+    for noisy in ("botocore", "boto3", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

@@ -241,7 +241,7 @@ def watchdog_main(argv: list[str]) -> int:
         _say("usage: python3 -m hostagent.freeze watchdog MOUNT_POINT SECONDS")
         return EXIT_USAGE
     mount_point, seconds = argv[0], float(argv[1])
-    import sh  # noqa: F401  (loaded now so a thaw never waits for an import)
+    import hostagent.runner  # noqa: F401  (loaded now so a thaw never waits for an import)
 
     def on_term(signum, frame):
         _thaw_with_retries(mount_point)

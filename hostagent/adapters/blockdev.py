@@ -278,6 +278,30 @@ def durable_identity(device: BlockDevice, proven_volume_id: str | None = None) -
     return None
 
 
+def loops_backed_by(devs: set[str], sys_block: str = "/sys/block") -> list[str]:
+    """Loop devices whose backing file is one of these block devices (what `losetup -j` shows):
+    the loop driver holds no exclusive claim, so neither holders nor O_EXCL reveal them."""
+    found = []
+    try:
+        names = sorted(os.listdir(sys_block))
+    except OSError:
+        return found
+    for name in names:
+        if not name.startswith("loop"):
+            continue
+        try:
+            with open(os.path.join(sys_block, name, "loop", "backing_file"), encoding="utf-8",
+                      errors="replace") as f:
+                backing = f.read().rstrip("\n")
+        except OSError:
+            continue
+        if backing.endswith(" (deleted)"):
+            continue
+        if device_number(backing) in devs:
+            found.append(f"/dev/{name}")
+    return found
+
+
 def describe_devices(devices: Iterable[BlockDevice]) -> str:
     seen = []
     for d in devices:

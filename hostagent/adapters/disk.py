@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Iterable
 
 from hostagent import runner
-from hostagent.adapters.blockdev import device_number
+from hostagent.adapters.blockdev import device_number, loops_backed_by
 from hostagent.adapters.mounts import MountEntry, parse_mountinfo, read_mountinfo, unescape_octal
 from hostagent.blank import IN_USE_MARK, SWAP_MARK, Evidence, parse_blkid_export, parse_wipefs_json
 from hostagent.errors import CommandError, OperationError
@@ -28,7 +28,6 @@ READ_CHUNK = 1 * MIB
 ZEROS = bytes(READ_CHUNK)
 PROBE_TIMEOUT = 60.0
 SYS_DEV_BLOCK = "/sys/dev/block"
-SYS_BLOCK = "/sys/block"
 PROC = "/proc"
 PROC_SWAPS = "/proc/swaps"
 
@@ -253,30 +252,6 @@ def _read_swaps(swaps: str | None) -> list[str]:
         except OSError:
             return []
     return [unescape_octal(line.split()[0]) for line in swaps.splitlines()[1:] if line.split()]
-
-
-def loops_backed_by(devs: set[str], sys_block: str = SYS_BLOCK) -> list[str]:
-    """Loop devices whose backing file is one of these block devices (what `losetup -j` shows):
-    the loop driver holds no exclusive claim, so neither holders nor O_EXCL reveal them."""
-    found = []
-    try:
-        names = sorted(os.listdir(sys_block))
-    except OSError:
-        return found
-    for name in names:
-        if not name.startswith("loop"):
-            continue
-        try:
-            with open(os.path.join(sys_block, name, "loop", "backing_file"), encoding="utf-8",
-                      errors="replace") as f:
-                backing = f.read().rstrip("\n")
-        except OSError:
-            continue
-        if backing.endswith(" (deleted)"):
-            continue
-        if device_number(backing) in devs:
-            found.append(f"/dev/{name}")
-    return found
 
 
 def mounts_in_other_namespaces(devs: set[str], proc: str = PROC) -> list[str]:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 import signal
 import time
-import uuid as uuidlib
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any, Mapping
@@ -265,8 +264,7 @@ def find_twins(fs_uuid: str, dev, devices) -> tuple[str, ...]:
 def observe_host(config, side: VolumeSide, dev) -> HostObservation:
     """Look at the disk, the mount point, fstab and our records once, changing nothing."""
     from hostagent.adapters import fstab, mounts
-    from hostagent.adapters.blockdev import durable_identity, list_block_devices
-    from hostagent.adapters.disk import gather_evidence, loops_backed_by
+    from hostagent.adapters.blockdev import durable_identity, list_block_devices, loops_backed_by
     from hostagent.adapters.layout import inspect_layout
     from hostagent.adapters.superblock import read_superblock
     from hostagent.blank import FORMATTED_TAG
@@ -293,6 +291,8 @@ def observe_host(config, side: VolumeSide, dev) -> HostObservation:
         loop_users = tuple(f"backs {loop} (a loop device reads and writes through it)"
                            for loop in loops_backed_by({dev.major_minor, *_partition_devs(dev)}))
     else:
+        from hostagent.adapters.disk import gather_evidence
+
         evidence = gather_evidence(
             dev.path, size_bytes=dev.size_bytes, partitions=dev.partitions, holders=dev.holders,
             serial_volume_id=proven, expected_volume_id=side.volume_id,
@@ -495,6 +495,8 @@ def plan_filesystem(obs: HostObservation, config, side: VolumeSide) -> tuple[Ste
                           f"disk ({obs.intent.get('identity') or 'no durable identity'}), not this "
                           f"one ({obs.identity or 'no durable identity'})")
         raise error
+    import uuid as uuidlib
+
     new_uuid = intent_uuid or str(uuidlib.uuid4())
     return Step("format", action, f"proven blank: {decision.reason}",
                 op=("mkfs", {"uuid": new_uuid, "resume": False})), new_uuid
