@@ -7,7 +7,7 @@ hostagent.adapters.mkfs is the only code that formats.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from hostagent.errors import RefusedError
 
@@ -20,8 +20,7 @@ SWAP_MARK = "[swap]"
 IN_USE_MARK = "[busy]"  # the kernel refused an exclusive open, yet no mount of ours shows it
 
 
-@dataclass(frozen=True)
-class Evidence:
+class Evidence(NamedTuple):
     """Plain data gathered from the host: everything decide() needs, nothing it must look up."""
 
     device: str
@@ -52,8 +51,7 @@ class Evidence:
     read_summary: str = ""  # what the content check read, for the operator
 
 
-@dataclass(frozen=True)
-class Decision:
+class Decision(NamedTuple):
     action: str  # "format" | "reuse" | "refuse"
     reason: str
     fs_uuid: str | None = None

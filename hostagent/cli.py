@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import argparse
 import importlib
-import json
-import logging
 import os
 import sys
-from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Sequence
 
 from hostagent import __version__
 from hostagent.errors import EXIT_USAGE, HostagentError, InternalError, host_error
+from hostagent.log import get_logger
 
 # command -> (module:function, help). Flow modules are imported only for the command that runs,
 # so `hostagent --help` and `verify-mount` never pay for boto3 or requests.
@@ -31,28 +29,75 @@ COMMANDS = {
     "ecs-task-volumes": ("hostagent.flows.ecs_task_volumes:run", "print the ECS task-definition volumes + mountPoints JSON"),
 }
 
-log = logging.getLogger("hostagent")
+log = get_logger("hostagent")
 
 
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse that reports bad usage as one `hostagent: error:` line and exit code 2."""
-
-    def error(self, message):  # noqa: D401 - argparse API
-        raise UsageErrorExit(message)
+# The flags each command takes besides the common ones (store_true; all default to False).
+FLAGS = {
+    "bootstrap": ("--dry-run",), "snapshot": ("--dry-run", "--wait", "--no-prune"),
+    "prune": ("--dry-run",), "agent": ("--once",),
+}
 
 
 class UsageErrorExit(Exception):
     pass
 
 
-@dataclass
+def _argparse():
+    """argparse, imported on demand (it costs ~10 ms with the shutil and gettext it pulls in),
+    with a parser class that reports bad usage as one `hostagent: error:` line and exit 2."""
+    import argparse
+
+    class ArgumentParser(argparse.ArgumentParser):
+        def error(self, message):  # noqa: D401 - argparse API
+            raise UsageErrorExit(message)
+
+    return argparse, ArgumentParser
+
+
+def fast_parse(argv: Sequence[str]) -> SimpleNamespace | None:
+    """The common command lines (`bootstrap --dry-run --json`, `verify-mount -v`…) parsed
+    without argparse, giving exactly the namespace argparse would; None for anything else
+    (--help, a value argparse must convert, a mistake), which argparse then handles."""
+    found: dict = {}
+    command = None
+    words = list(argv)
+    while words:
+        word = words.pop(0)
+        if word == "--config" and words:
+            found["config"] = words.pop(0)
+        elif word.startswith("--config=") and len(word) > len("--config="):
+            found["config"] = word[len("--config="):]
+        elif word == "--json":
+            found["json"] = True
+        elif word == "--verbose" or (word.startswith("-v") and set(word[1:]) == {"v"}):
+            # argparse counts -v before and after the command apart; the later count wins.
+            side = "verbose_after" if command else "verbose_before"
+            found[side] = found.get(side, 0) + (1 if word == "--verbose" else len(word) - 1)
+        elif command is None and word in COMMANDS and not word.startswith("-"):
+            command = word
+        elif command is not None and word in FLAGS.get(command, ()):
+            found[word[2:].replace("-", "_")] = True
+        else:
+            return None
+    if command is None or command in ("restore", "wait-couchdb", "check-couchdb"):
+        return None  # positional or typed arguments: argparse's to check
+    verbose = found.pop("verbose_after", None) or found.pop("verbose_before", None)
+    found.pop("verbose_before", None)
+    if verbose:
+        found["verbose"] = verbose
+    flags = {flag[2:].replace("-", "_"): False for flag in FLAGS.get(command, ())}
+    return SimpleNamespace(command=command, **{**flags, **found})
+
+
 class Context:
     """What every flow gets: the parsed options and the config, loaded on first use."""
 
-    config_path: str
-    json: bool = False
-    verbose: int = 0
-    _config: object = field(default=None, repr=False)
+    def __init__(self, config_path: str, json: bool = False, verbose: int = 0):
+        self.config_path = config_path
+        self.json = json
+        self.verbose = verbose
+        self._config = None
 
     @property
     def config(self):
@@ -63,7 +108,31 @@ class Context:
         return self._config
 
 
-def build_parser() -> ArgumentParser:
+def _command_options(name: str, cmd) -> None:
+    if name in ("bootstrap", "snapshot", "prune", "restore"):
+        cmd.add_argument("--dry-run", action="store_true", help="print the plan and change nothing")
+    if name == "snapshot":
+        cmd.add_argument("--wait", action="store_true",
+                         help="wait until the snapshot completes, showing progress")
+        cmd.add_argument("--no-prune", action="store_true",
+                         help="do not apply retention afterwards")
+    elif name == "restore":
+        cmd.add_argument("snapshot_id", metavar="SNAPSHOT_ID", help="snap-…")
+    elif name == "wait-couchdb":
+        cmd.add_argument("--timeout", type=float, metavar="S", default=None,
+                         help="seconds to wait (default: couchdb.timeout)")
+    elif name == "check-couchdb":
+        cmd.add_argument("--timeout", type=float, metavar="S", default=None,
+                         help="seconds to wait for readiness (default: 0, look once)")
+    elif name == "agent":
+        cmd.add_argument("--once", action="store_true",
+                         help="run the checks and report once, then exit")
+
+
+def build_parser(only: str | None = None):
+    """The full parser, or (only=NAME) one with just that command: building all twelve
+    subparsers costs ~5 ms, a fifth of what a reboot-path bootstrap may spend."""
+    argparse, ArgumentParser = _argparse()
     common = ArgumentParser(add_help=False)
     # SUPPRESS lets the options stand before or after the command without one overriding the other.
     common.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS,
@@ -78,33 +147,52 @@ def build_parser() -> ArgumentParser:
                                         "persistent EBS volume.")
     parser.add_argument("--version", action="version", version=f"hostagent {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgumentParser)
-    cmds = {}
     for name, (_, help_text) in COMMANDS.items():
-        cmds[name] = sub.add_parser(name, parents=[common], help=help_text, description=help_text)
-    for name in ("bootstrap", "snapshot", "prune", "restore"):
-        cmds[name].add_argument("--dry-run", action="store_true",
-                                help="print the plan and change nothing")
-    cmds["snapshot"].add_argument("--wait", action="store_true",
-                                  help="wait until the snapshot completes, showing progress")
-    cmds["snapshot"].add_argument("--no-prune", action="store_true",
-                                  help="do not apply retention afterwards")
-    cmds["restore"].add_argument("snapshot_id", metavar="SNAPSHOT_ID", help="snap-…")
-    cmds["wait-couchdb"].add_argument("--timeout", type=float, metavar="S", default=None,
-                                      help="seconds to wait (default: couchdb.timeout)")
-    cmds["check-couchdb"].add_argument("--timeout", type=float, metavar="S", default=None,
-                                       help="seconds to wait for readiness (default: 0, look once)")
-    cmds["agent"].add_argument("--once", action="store_true",
-                               help="run the checks and report once, then exit")
+        if only is None or name == only:
+            _command_options(name, sub.add_parser(name, parents=[common], help=help_text,
+                                                  description=help_text))
     return parser
 
 
+def command_in(argv: Sequence[str]) -> str | None:
+    """The command named in argv (the first word that is one, skipping --config's value), or
+    None when the full parser must decide (no command, --help/--version before it)."""
+    skip = False
+    for word in argv:
+        if skip:
+            skip = False
+        elif word == "--config":
+            skip = True
+        elif word in ("-h", "--help", "--version"):
+            return None
+        elif word in COMMANDS:
+            return word
+        elif not word.startswith("-"):
+            return None
+    return None
+
+
 def setup_logging(verbose: int, *, for_agent: bool = False) -> None:
-    level = logging.DEBUG if verbose >= 2 else logging.INFO if (verbose or for_agent) else logging.WARNING
-    # Under systemd (JOURNAL_STREAM set) journald adds the time and unit name itself.
-    fmt = "%(message)s" if os.environ.get("JOURNAL_STREAM") else "hostagent: %(message)s"
-    logging.basicConfig(level=level, format=fmt, stream=sys.stderr)
-    for noisy in ("botocore", "boto3", "urllib3"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    """stdlib logging to stderr (journald under systemd) at the level -v asks for. At the
+    default level `logging` is imported only when a warning is actually logged."""
+    from hostagent import log as lazy
+
+    level = lazy.DEBUG if verbose >= 2 else lazy.INFO if (verbose or for_agent) else lazy.WARNING
+
+    def configure() -> None:
+        import logging
+
+        # Under systemd (JOURNAL_STREAM set) journald adds the time and unit name itself.
+        fmt = "%(message)s" if os.environ.get("JOURNAL_STREAM") else "hostagent: %(message)s"
+        logging.basicConfig(level=level, format=fmt, stream=sys.stderr)
+        for noisy in ("botocore", "boto3", "urllib3"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+
+    if level < lazy.WARNING:
+        lazy.set_level(level)
+        configure()
+    else:
+        lazy.set_level(level, configure)
 
 
 def print_error(exc: HostagentError, *, as_json: bool) -> None:
@@ -112,6 +200,8 @@ def print_error(exc: HostagentError, *, as_json: bool) -> None:
     if exc.hint:
         print(f"hint: {exc.hint}", file=sys.stderr)
     if as_json:
+        import json
+
         print(json.dumps({"ok": False, "error": str(exc), "exit_code": exc.exit_code}))
 
 
@@ -119,11 +209,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     want_json = "--json" in argv
     try:
-        args = build_parser().parse_args(argv)
+        args = fast_parse(argv) or build_parser(only=command_in(argv)).parse_args(argv)
     except UsageErrorExit as exc:
         print(f"hostagent: error: {exc}", file=sys.stderr)
         print("hint: see `hostagent --help`", file=sys.stderr)
         if want_json:
+            import json
+
             print(json.dumps({"ok": False, "error": str(exc), "exit_code": EXIT_USAGE}))
         return EXIT_USAGE
     if not args.command:
@@ -141,7 +233,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         flow = getattr(importlib.import_module(module_name), func_name)
         report = flow(ctx, args)
-        rendered = json.dumps(report.to_json(), indent=2, default=str) if as_json else report.text
+        if as_json:
+            import json
+
+            rendered = json.dumps(report.to_json(), indent=2, default=str)
+        else:
+            rendered = report.text
     except HostagentError as exc:
         print_error(exc, as_json=as_json)
         return exc.exit_code

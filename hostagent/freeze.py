@@ -15,7 +15,6 @@ Run as `python3 -m hostagent.freeze watchdog MOUNT_POINT SECONDS`.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import select
 import signal
@@ -27,10 +26,11 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from hostagent.errors import CommandError, OperationError
+from hostagent.log import get_logger
 from hostagent.runner import run as default_run
 from hostagent.runner import which
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 ARMED = b"armed\n"
 THAWED = b"thawed\n"

@@ -2,28 +2,39 @@
 
 from __future__ import annotations
 
-import logging
-from dataclasses import dataclass
 from typing import Callable, Iterable
 
+from hostagent.log import get_logger
 from hostagent.report import render_table
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 PLANNED, DONE, SKIPPED, FAILED = "planned", "done", "skipped", "failed"
 
 
-@dataclass
 class Step:
-    name: str
-    action: str  # what it does, e.g. "mkfs.ext4 -L couchdb /dev/nvme1n1"
-    reason: str  # why, e.g. "device proven blank"
-    run: Callable[[], str | None] | None = None  # None: already in the desired state
-    status: str = PLANNED
-    detail: str = ""
-    # The change as plain data, for flows whose planner is pure (bootstrap): ("mkfs", {...}).
-    # The flow binds it to an executor (sets run) before applying.
-    op: tuple[str, dict] | None = None
+    """One step of a plan: what it does, why, and how (run, or op bound to an executor).
+
+    A plain class (not a dataclass: the dataclasses module costs ~5 ms to import, and this is
+    on the reboot path)."""
+
+    __slots__ = ("name", "action", "reason", "run", "status", "detail", "op")
+
+    def __init__(self, name: str, action: str, reason: str,
+                 run: Callable[[], str | None] | None = None, status: str = PLANNED,
+                 detail: str = "", op: tuple[str, dict] | None = None):
+        self.name = name
+        self.action = action  # what it does, e.g. "mkfs.ext4 -L couchdb /dev/nvme1n1"
+        self.reason = reason  # why, e.g. "device proven blank"
+        self.run = run  # None (and no op): already in the desired state
+        self.status = status
+        self.detail = detail
+        # The change as plain data, for flows whose planner is pure (bootstrap): ("mkfs", {...}).
+        # The flow binds it to an executor (sets run) before applying.
+        self.op = op
+
+    def __repr__(self) -> str:
+        return f"Step({self.name!r}, {self.status}, op={self.op!r})"
 
     @property
     def needed(self) -> bool:

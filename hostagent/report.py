@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from hostagent.errors import EXIT_FAILED, EXIT_OK
 
 
-@dataclass
 class Report:
-    ok: bool
-    key: str  # the JSON key named after what the command lists: "checks", "steps", "devices"…
-    items: Any
-    text: str = ""
-    exit_code: int | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-    raw_json: Any = None  # when set, --json prints exactly this (ecs-task-volumes)
+    """What a flow hands back to the CLI (a plain class: no dataclasses import on the boot path)."""
+
+    __slots__ = ("ok", "key", "items", "text", "exit_code", "extra", "raw_json")
+
+    def __init__(self, ok: bool, key: str, items: Any, text: str = "", exit_code: int | None = None,
+                 extra: dict[str, Any] | None = None, raw_json: Any = None):
+        self.ok = ok
+        self.key = key  # the JSON key named after what the command lists: "checks", "steps"…
+        self.items = items
+        self.text = text
+        self.exit_code = exit_code
+        self.extra = extra if extra is not None else {}
+        self.raw_json = raw_json  # when set, --json prints exactly this (ecs-task-volumes)
 
     @property
     def code(self) -> int:

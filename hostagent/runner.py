@@ -7,8 +7,7 @@ import select
 import signal
 import sys
 import time
-from dataclasses import dataclass
-from typing import Iterable, Protocol, Sequence
+from typing import Iterable, NamedTuple, Protocol, Sequence
 
 from hostagent.errors import CommandError, OperationError
 
@@ -24,8 +23,7 @@ READ_SIZE = 65536
 RESET_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ)
 
 
-@dataclass(frozen=True)
-class Completed:
+class Completed(NamedTuple):
     argv: tuple[str, ...]
     returncode: int
     stdout: str

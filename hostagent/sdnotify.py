@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import socket
 
-log = logging.getLogger(__name__)
+from hostagent.log import get_logger
+
+log = get_logger(__name__)
 
 # systemd caps a notify datagram well above this; STATUS= lines longer than a terminal are noise.
 MAX_STATUS_CHARS = 200

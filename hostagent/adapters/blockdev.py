@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import ctypes
-import fcntl
-import logging
 import os
 import re
 import stat
-import struct
-from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, NamedTuple, Sequence
 
 from hostagent.errors import OperationError, RefusedError, UsageError
+from hostagent.log import get_logger
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 SECTOR_BYTES = 512  # sysfs `size` counts 512-byte sectors whatever the logical block size
 SKIP_PREFIXES = ("ram", "zram")
@@ -34,13 +30,13 @@ NVME_ADMIN_IDENTIFY = 0x06
 NVME_ID_CNS_CTRL = 0x01
 # struct nvme_admin_cmd (linux/nvme_ioctl.h): opcode, flags, rsvd1, nsid, cdw2, cdw3, metadata,
 # addr, metadata_len, data_len, cdw10..cdw15, timeout_ms, result — 72 bytes, no padding.
-NVME_ADMIN_CMD = struct.Struct("=BBHIIIQQII6III")
+NVME_ADMIN_CMD_FORMAT = "=BBHIIIQQII6III"
+NVME_ADMIN_CMD_SIZE = 72
 # _IOWR('N', 0x41, struct nvme_admin_cmd) == 0xC0484E41
-NVME_IOCTL_ADMIN_CMD = (3 << 30) | (NVME_ADMIN_CMD.size << 16) | (ord("N") << 8) | 0x41
+NVME_IOCTL_ADMIN_CMD = (3 << 30) | (NVME_ADMIN_CMD_SIZE << 16) | (ord("N") << 8) | 0x41
 
 
-@dataclass(frozen=True)
-class BlockDevice:
+class BlockDevice(NamedTuple):
     name: str
     path: str
     major_minor: str
@@ -59,8 +55,7 @@ class BlockDevice:
     wwid: str = ""  # a world-wide identifier the device reports (SCSI/NVMe), when it has one
 
 
-@dataclass(frozen=True)
-class Partition:
+class Partition(NamedTuple):
     name: str
     path: str
     major_minor: str
@@ -120,8 +115,13 @@ def _dev_path(name: str) -> str:
 
 def read_nvme_identify_controller(path: str) -> bytes | None:
     """Identify Controller data through NVME_IOCTL_ADMIN_CMD (needs root); None on any failure."""
+    # ctypes and struct only here: only an NVMe disk with the EBS model is ever identified.
+    import ctypes
+    import fcntl
+    import struct
+
     buf = ctypes.create_string_buffer(IDENTIFY_SIZE)
-    cmd = bytearray(NVME_ADMIN_CMD.pack(
+    cmd = bytearray(struct.pack(NVME_ADMIN_CMD_FORMAT,
         NVME_ADMIN_IDENTIFY, 0, 0, 0, 0, 0, 0, ctypes.addressof(buf), 0, IDENTIFY_SIZE,
         NVME_ID_CNS_CTRL, 0, 0, 0, 0, 0, 0, 0))
     try:

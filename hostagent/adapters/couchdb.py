@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import ipaddress
-import logging
 import socket
 import threading
 import time
@@ -12,7 +11,9 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 from urllib.parse import urlsplit, urlunsplit
 
-log = logging.getLogger(__name__)
+from hostagent.log import get_logger
+
+log = get_logger(__name__)
 
 # Backoff between probes: start fast, double. While nothing listens a probe is one refused SYN on
 # loopback, so we keep probing every 250 ms and notice a server that comes up within ~250 ms;

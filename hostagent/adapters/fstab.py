@@ -6,7 +6,7 @@ import os
 import posixpath
 import re
 import stat
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from hostagent.errors import OperationError, UsageError
 from hostagent.fileio import atomic_write
@@ -25,8 +25,7 @@ _UUID = re.compile(r"[0-9A-Fa-f][0-9A-Fa-f-]*")
 _ESCAPES = {" ": "\\040", "\t": "\\011", "\n": "\\012", "\\": "\\134"}
 
 
-@dataclass(frozen=True)
-class FstabEntry:
+class FstabEntry(NamedTuple):
     spec: str
     file: str
     vfstype: str
@@ -50,8 +49,7 @@ class FstabEntry:
         return normalize_mount_point(self.file)
 
 
-@dataclass(frozen=True)
-class FstabLine:
+class FstabLine(NamedTuple):
     raw: str  # exactly as in the file, line ending included (none on an unterminated last line)
     entry: FstabEntry | None  # None: comment, blank or a line mount(8) would reject
 

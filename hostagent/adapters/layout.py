@@ -7,15 +7,14 @@ import contextlib
 import errno
 import os
 import stat
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from hostagent.errors import OperationError, RefusedError
 
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-@dataclass(frozen=True)
-class DirState:
+class DirState(NamedTuple):
     relative: str
     path: str
     kind: str  # "dir" | "missing" | "symlink" | "other"

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, NamedTuple
 
 from hostagent.errors import OperationError
 from hostagent.runner import run as default_run
@@ -19,8 +18,7 @@ BARE_VIEW_NAME = "hostagent-bare"
 LEGACY_VIEW_PREFIX = "/run/hostagent-bare."
 
 
-@dataclass(frozen=True)
-class MountEntry:
+class MountEntry(NamedTuple):
     major_minor: str  # "259:1" — the identity of the mounted block device
     root: str
     mount_point: str

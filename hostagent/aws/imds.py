@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import time
 from typing import Any, Callable
 
 from hostagent.aws.volume import Identity
 from hostagent.errors import OperationError
+from hostagent.log import get_logger
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 DEFAULT_ENDPOINT = "http://169.254.169.254"
 IPV6_ENDPOINT = "http://[fd00:ec2::254]"

@@ -5,7 +5,6 @@ The pure parts (tags, names, records) take plain data; the rest take a boto3 EC2
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -13,9 +12,10 @@ from types import MappingProxyType
 from typing import Callable, Iterable, Mapping
 
 from hostagent.aws.errors import AWSError, aws_call
+from hostagent.log import get_logger
 from hostagent.retention import SnapshotRecord
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 MARKER_KEY = "hostagent:managed"
 MARKER_VALUE = "true"

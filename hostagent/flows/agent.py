@@ -15,9 +15,10 @@ from datetime import datetime, timezone
 from typing import Any, Callable
 
 from hostagent.errors import EXIT_FAILED, EXIT_OK
+from hostagent.log import get_logger
 from hostagent.report import Report, render_table
 
-log = logging.getLogger("hostagent.agent")
+log = get_logger("hostagent.agent")
 
 MOUNTINFO = "/proc/self/mountinfo"
 # While the ECS agent has not registered yet, look again this often (a GET on loopback), so the

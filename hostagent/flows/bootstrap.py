@@ -16,9 +16,8 @@ from __future__ import annotations
 import os
 import signal
 import time
-from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 from hostagent import state
 from hostagent.errors import OperationError, RefusedError, UsageError
@@ -35,20 +34,18 @@ NO_IMMUTABLE_FLAG = "this filesystem has no immutable flag; relying on the persi
 FSTAB_SPACE_MARGIN = 64 * 1024
 
 
-@dataclass(frozen=True)
-class VolumeSide:
+class VolumeSide(NamedTuple):
     """What EC2 says about the volume (all None/empty when the config names only a device)."""
 
     volume_id: str | None = None
     instance_id: str | None = None
     requested_name: str | None = None
-    tags: Mapping[str, str] = field(default_factory=dict)
+    tags: Mapping[str, str] = {}  # never mutated
     snapshot_id: str | None = None
     volume: Any = None  # aws.volume.VolumeInfo
 
 
-@dataclass(frozen=True)
-class HostObservation:
+class HostObservation(NamedTuple):
     """Everything the plan needs, looked at once; plain data (tests build it by hand)."""
 
     device: Any  # blockdev.BlockDevice
@@ -115,7 +112,7 @@ def bootstrap(config, dry_run: bool, steps: list[Step], info: dict) -> None:
                 steps.append(Step("device", f"wait for the block device of {side.volume_id}",
                                   "it appears once the attachment completes", status=PLANNED))
                 return
-            side = replace(side, volume=attach.op[1]["result"]["volume"])
+            side = side._replace(volume=attach.op[1]["result"]["volume"])
     device = find_device(config, side)
     obs = observe_host(config, side, device)
     info["device"] = device.path
@@ -267,7 +264,6 @@ def observe_host(config, side: VolumeSide, dev) -> HostObservation:
     from hostagent.adapters.blockdev import durable_identity, list_block_devices, loops_backed_by
     from hostagent.adapters.layout import inspect_layout
     from hostagent.adapters.superblock import read_superblock
-    from hostagent.blank import FORMATTED_TAG
 
     fs_cfg, host = config.filesystem, config.host
     mp = os.path.normpath(fs_cfg.mount_point)
@@ -292,6 +288,7 @@ def observe_host(config, side: VolumeSide, dev) -> HostObservation:
                            for loop in loops_backed_by({dev.major_minor, *_partition_devs(dev)}))
     else:
         from hostagent.adapters.disk import gather_evidence
+        from hostagent.blank import FORMATTED_TAG
 
         evidence = gather_evidence(
             dev.path, size_bytes=dev.size_bytes, partitions=dev.partitions, holders=dev.holders,
@@ -357,7 +354,6 @@ def fs_uuid_of(obs: HostObservation) -> str | None:
 def plan_bootstrap(obs: HostObservation, config, side: VolumeSide) -> list[Step]:
     """PURE: the observation and the config → the steps, or the refusal (raised) — every
     decision made before anything changes."""
-    from hostagent import blank
     from hostagent.adapters import fstab as fstab_mod
 
     dev, mp = obs.device, obs.mount_point
@@ -397,8 +393,10 @@ def plan_bootstrap(obs: HostObservation, config, side: VolumeSide) -> list[Step]
             where=dev.path,
             hint="set volume.device to the disk if you are sure, or check `hostagent devices`")
     if obs.loop_users:
+        from hostagent.blank import HINT_IN_USE
+
         raise RefusedError(f"{dev.path} {'; '.join(obs.loop_users)}; refusing to use it",
-                           where=dev.path, hint=blank.HINT_IN_USE)
+                           where=dev.path, hint=HINT_IN_USE)
 
     fmt, fs_uuid = plan_filesystem(obs, config, side)
     will_format = fmt.op is not None and fmt.op[0] == "mkfs"
@@ -454,8 +452,6 @@ def plan_bootstrap(obs: HostObservation, config, side: VolumeSide) -> list[Step]
 
 def plan_filesystem(obs: HostObservation, config, side: VolumeSide) -> tuple[Step, str]:
     """PURE: the format step (mkfs, resume our own, or reuse) and the filesystem UUID."""
-    from hostagent import blank
-
     dev = obs.device
     label = config.filesystem.label
     intent = obs.intent or {}
@@ -468,6 +464,8 @@ def plan_filesystem(obs: HostObservation, config, side: VolumeSide) -> tuple[Ste
         return Step("format", action, f"ext4 UUID {obs.known_uuid}: the filesystem bootstrap "
                                       "mounted before (state record): reused, never remade",
                     op=("forget-intent", {}) if intent_here else None), obs.known_uuid
+
+    from hostagent import blank
 
     decision = blank.decide(obs.evidence)
     if decision.action == "reuse":

@@ -7,7 +7,6 @@ CouchDB still serves from the old volume. The swap itself is the operator's (pri
 from __future__ import annotations
 
 import contextlib
-import logging
 import re
 import time
 from dataclasses import dataclass, field
@@ -16,10 +15,11 @@ from typing import Any, Mapping
 
 from hostagent.aws.volume import IN_SERVICE_TAG, RESTORED_FROM_TAG as RESTORED_FROM_KEY
 from hostagent.errors import OperationError, UsageError
+from hostagent.log import get_logger
 from hostagent.plan import Step, apply_steps, render_steps, skipped
 from hostagent.report import Report
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 SNAPSHOT_ID_RE = re.compile(r"^snap-([0-9a-f]{8}|[0-9a-f]{17})$")
 RESTORED_AT_KEY = "hostagent:restored-at"

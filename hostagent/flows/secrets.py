@@ -7,15 +7,15 @@ logged, printed, or put into an error message (only its size is reported).
 from __future__ import annotations
 
 import errno
-import logging
 import os
 import stat
 
 from hostagent.errors import ConfigError, OperationError
 from hostagent.fileio import atomic_write
+from hostagent.log import get_logger
 from hostagent.report import Report
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 MAX_BYTES = 4 * 1024 * 1024  # a secrets file, not a data set: refuse to fill /etc by mistake
 FILE_MODE = 0o600

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 import sys
 import time
 from dataclasses import dataclass, field
@@ -11,11 +10,12 @@ from datetime import datetime, timezone
 from typing import Callable
 
 from hostagent.errors import ConfigError, HostagentError, OperationError, RefusedError
+from hostagent.log import get_logger
 from hostagent.plan import Step, apply_steps, render_steps
 from hostagent.report import Report, render_table
 from hostagent.retention import Decision, Policy, SnapshotRecord, decide_retention
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 WAIT_TIMEOUT = 4 * 3600.0  # a first full snapshot of a large volume can take hours
 MAX_COPIES_PER_RUN = 5  # AWS runs at most 20 concurrent copies per destination region

@@ -3,7 +3,6 @@ kind of signature; every refusal leaves the device byte-for-byte as it was."""
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 import time
@@ -299,7 +298,7 @@ def test_following_the_erase_hint_makes_it_blank(loop_device):
 
 def without_content(evidence: blank.Evidence) -> blank.Evidence:
     """The same evidence with the device's content made blank: what remains must still refuse."""
-    return dataclasses.replace(evidence, blkid_exit=2, blkid={}, blkid_error=None,
+    return evidence._replace(blkid_exit=2, blkid={}, blkid_error=None,
                                wipefs_signatures=(), wipefs_error=None,
                                head_nonzero_offset=None, tail_nonzero_offset=None,
                                sample_nonzero_offset=None)
@@ -414,7 +413,7 @@ def test_root_disk_is_refused_via_its_partition(partitioned_loop):
     mountinfo = f"27 1 {partition_majmin(dev)} / / rw,relatime - ext4 {dev}p1 rw\n"
     evidence = gather(dev, mountinfo=mountinfo)
     assert evidence.is_root_disk
-    alone = blank.decide(without_content(dataclasses.replace(evidence, partitions=())))
+    alone = blank.decide(without_content(evidence._replace(partitions=())))
     assert alone.action == "refuse" and "is the root disk" in alone.reason
 
 

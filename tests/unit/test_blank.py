@@ -3,7 +3,6 @@ real tools (util-linux 2.38.1 on Debian 12) pasted in as literal strings."""
 
 from __future__ import annotations
 
-import dataclasses
 import subprocess
 
 import pytest
@@ -31,7 +30,7 @@ BLANK = Evidence(
 
 
 def with_(**changes) -> Evidence:
-    return dataclasses.replace(BLANK, **changes)
+    return BLANK._replace(**changes)
 
 
 # --- real tool output, captured on loop devices -------------------------------------------

@@ -435,11 +435,14 @@ def test_devices_flow_marks_the_configured_volume_by_serial(nitro):
 
 def test_admin_command_layout_matches_linux_nvme_ioctl_h():
     """Offsets measured with gcc on linux/nvme_ioctl.h: sizeof 72, addr 24, data_len 36, cdw10 40."""
-    from hostagent.adapters.blockdev import NVME_ADMIN_CMD, NVME_IOCTL_ADMIN_CMD
+    import struct
 
-    packed = NVME_ADMIN_CMD.pack(6, 0, 0, 0, 0, 0, 0, 0x1122334455667788, 0, 4096,
-                                 1, 0, 0, 0, 0, 0, 0, 0)
-    assert len(packed) == 72
+    from hostagent.adapters.blockdev import (NVME_ADMIN_CMD_FORMAT, NVME_ADMIN_CMD_SIZE,
+                                             NVME_IOCTL_ADMIN_CMD)
+
+    packed = struct.pack(NVME_ADMIN_CMD_FORMAT, 6, 0, 0, 0, 0, 0, 0, 0x1122334455667788, 0, 4096,
+                         1, 0, 0, 0, 0, 0, 0, 0)
+    assert len(packed) == 72 == NVME_ADMIN_CMD_SIZE
     assert packed[0] == 0x06
     assert packed[24:32] == (0x1122334455667788).to_bytes(8, "little")
     assert packed[36:40] == (4096).to_bytes(4, "little")

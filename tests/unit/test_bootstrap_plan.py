@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from types import SimpleNamespace
 
 import pytest
@@ -43,12 +42,12 @@ BLANK = Evidence(
     tail_nonzero_offset=None, blkid_exit=2, blkid={}, blkid_error=None, wipefs_signatures=(),
     wipefs_error=None, partitions=(), holders=(), mounted_at=(), is_root_disk=False,
     serial_volume_id=None, expected_volume_id=None, formatted_tag=None)
-EXT4 = dataclasses.replace(BLANK, blkid_exit=0, wipefs_signatures=("ext4 at 0x438",),
+EXT4 = BLANK._replace(blkid_exit=0, wipefs_signatures=("ext4 at 0x438",),
                            blkid={"TYPE": "ext4", "UUID": UUID, "USAGE": "filesystem"},
                            fs_ever_mounted=True)
-XFS = dataclasses.replace(BLANK, blkid_exit=0, wipefs_signatures=("xfs at 0x0",),
+XFS = BLANK._replace(blkid_exit=0, wipefs_signatures=("xfs at 0x0",),
                           blkid={"TYPE": "xfs", "UUID": "x", "USAGE": "filesystem"})
-RANDOM = dataclasses.replace(BLANK, head_nonzero_offset=0)
+RANDOM = BLANK._replace(head_nonzero_offset=0)
 SB = Superblock(uuid=UUID, label="couchdb", ever_mounted=True, has_errors=False, error_count=0,
                 size_bytes=16 * GIB)
 LAID_OUT = tuple(DirState(d, f"{MP}/{d}", "dir", 5984, 5984, 0o750)
@@ -70,7 +69,7 @@ def observation(**changes) -> HostObservation:
         mounted=None, device_mounts=(), mount_point_kind="missing", mount_point_blocked=None,
         bare_immutable=None, bare_leftovers=(), guard_recorded=False, fstab_text="",
         fstab_blocked=None, fstab_free_bytes=1 << 30, twins=(), views=(), layout=None)
-    return dataclasses.replace(base, **changes)
+    return base._replace(**changes)
 
 
 def plan(obs=None, cfg=None, side=None):
@@ -117,7 +116,7 @@ def test_mounted_before_bootstrap_gets_the_guard_underneath_once():
     obs = observation(evidence=EXT4, superblock=SB, fstab_text=FSTAB_LINE,
                       mount_point_kind="dir", mounted=MOUNTED, layout=LAID_OUT)
     assert ops(plan(obs))["guard"] == "guard-under"
-    assert ops(plan(dataclasses.replace(obs, guard_recorded=True)))["guard"] is None
+    assert ops(plan(obs._replace(guard_recorded=True)))["guard"] is None
 
 
 def test_hand_made_ext4_is_reused():
@@ -129,9 +128,9 @@ def test_hand_made_ext4_is_reused():
 @pytest.mark.parametrize("obs, code, words", [
     (observation(evidence=XFS), EXIT_REFUSED, "xfs"),
     (observation(evidence=RANDOM), EXIT_REFUSED, "non-zero bytes at offset 0"),
-    (observation(mounted=dataclasses.replace(MOUNTED, major_minor="8:1", source="/dev/sda1")),
+    (observation(mounted=MOUNTED._replace(major_minor="8:1", source="/dev/sda1")),
      EXIT_REFUSED, "/dev/sda1 mounted"),
-    (observation(device_mounts=(dataclasses.replace(MOUNTED, mount_point="/mnt"),)),
+    (observation(device_mounts=(MOUNTED._replace(mount_point="/mnt"),)),
      EXIT_REFUSED, "already mounted at /mnt"),
     (observation(mount_point_kind="other"), EXIT_USAGE, "not a directory"),
     (observation(mount_point_blocked="/opt is on a read-only filesystem"), EXIT_FAILED,
@@ -157,7 +156,7 @@ def test_xen_disk_not_proven_to_be_the_volume_is_refused_for_reuse_too():
 
 
 def test_superblock_with_errors_is_preened_before_the_first_mount():
-    sb = dataclasses.replace(SB, has_errors=True, error_count=2)
+    sb = SB._replace(has_errors=True, error_count=2)
     steps = plan(observation(evidence=EXT4, superblock=sb))
     assert [s.name for s in steps][:2] == ["fsck", "format"] and steps[0].op[0] == "fsck"
     mounted = observation(evidence=EXT4, superblock=sb, mounted=MOUNTED, layout=LAID_OUT,
@@ -174,7 +173,7 @@ def test_leftover_views_are_removed_first():
 # --- the format intent: only the same disk, only our own leftovers -----------------------
 
 INTENT = {"identity": LOOP_ID, "volume_id": None, "uuid": UUID, "started": "t"}
-PARTIAL = dataclasses.replace(BLANK, head_nonzero_offset=4096)  # mkfs wrote, no superblock yet
+PARTIAL = BLANK._replace(head_nonzero_offset=4096)  # mkfs wrote, no superblock yet
 
 
 def test_interrupted_mkfs_on_the_same_disk_is_finished_with_the_same_uuid():
@@ -205,14 +204,14 @@ def test_intent_never_authorises_formatting_a_foreign_signature():
 
 
 def test_finished_mkfs_with_our_uuid_is_reused_never_remade():
-    fresh = dataclasses.replace(EXT4, fs_ever_mounted=False)
+    fresh = EXT4._replace(fs_ever_mounted=False)
     steps = plan(observation(evidence=fresh, superblock=SB, intent=INTENT, own_mkfs_clean=True))
     assert steps[0].op == ("forget-intent", {}) and "finished before a crash" in steps[0].reason
     assert f"UUID={UUID}" in steps[1].op[1]["text"]
 
 
 def test_incomplete_mkfs_with_our_uuid_is_finished_with_the_same_uuid():
-    fresh = dataclasses.replace(EXT4, fs_ever_mounted=False)
+    fresh = EXT4._replace(fs_ever_mounted=False)
     steps = plan(observation(evidence=fresh, superblock=SB, intent=INTENT, own_mkfs_clean=False))
     assert steps[0].op == ("mkfs", {"uuid": UUID, "resume": True})
 

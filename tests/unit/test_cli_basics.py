@@ -150,3 +150,39 @@ def test_an_escaped_os_error_is_a_host_failure_exit_1(flow, capsys, exc, line):
         assert err[1].startswith("hint: ")
     out = json.loads(captured.out)
     assert out["ok"] is False and out["exit_code"] == 1 and out["error"] == line.split(": ", 2)[2]
+
+
+# --- the argparse-free fast path gives exactly argparse's answer ----------------------------
+
+FAST_CASES = [
+    ["bootstrap"], ["bootstrap", "--dry-run"], ["bootstrap", "--dry-run", "--json"],
+    ["--json", "bootstrap"], ["--config", "/etc/x.toml", "bootstrap", "-v"],
+    ["bootstrap", "--config=/etc/x.toml", "-vv"], ["-v", "bootstrap", "--verbose", "-v"],
+    ["verify-mount"], ["verify-mount", "--json"], ["devices", "--json", "--config", "/c"],
+    ["snapshot", "--wait", "--no-prune"], ["snapshot", "--dry-run"], ["prune", "--dry-run"],
+    ["agent", "--once", "-v"], ["snapshots"], ["fetch-secrets"], ["ecs-task-volumes"],
+    ["--config", "/a", "--config", "/b", "bootstrap"], ["-vv", "bootstrap", "-v"],
+    ["-vv", "bootstrap"], ["bootstrap", "-v", "-v"],
+]
+ARGPARSE_ONLY = [
+    [], ["--help"], ["bootstrap", "--help"], ["--version"], ["bootstrap", "--bogus"],
+    ["verify-mount", "--dry-run"], ["--dry-run", "bootstrap"], ["bootstrap", "extra"],
+    ["restore", "snap-0123456789abcdef0"], ["wait-couchdb", "--timeout", "5"],
+    ["check-couchdb"], ["bootstrap", "--config"], ["bootstrap", "bootstrap"], ["-x", "devices"],
+]
+
+
+@pytest.mark.parametrize("argv", FAST_CASES, ids=" ".join)
+def test_fast_parse_matches_argparse(argv):
+    from hostagent.cli import build_parser, fast_parse
+
+    fast = fast_parse(argv)
+    assert fast is not None
+    assert vars(fast) == vars(build_parser().parse_args(argv))
+
+
+@pytest.mark.parametrize("argv", ARGPARSE_ONLY, ids=lambda a: " ".join(a) or "(none)")
+def test_everything_else_goes_to_argparse(argv):
+    from hostagent.cli import fast_parse
+
+    assert fast_parse(argv) is None

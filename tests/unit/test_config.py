@@ -1,6 +1,5 @@
 """Config: typed and frozen; unknown keys, wrong types and bad values are exit-2 errors naming the key."""
 
-import dataclasses
 
 import pytest
 
@@ -23,7 +22,7 @@ def test_defaults_match_the_design():
 
 def test_config_is_frozen():
     c = parse_config(MINIMAL)
-    with pytest.raises(dataclasses.FrozenInstanceError):
+    with pytest.raises(AttributeError):
         c.volume.device = "/dev/sda"
     with pytest.raises(TypeError):
         c.volume.tags["Name"] = "x"
