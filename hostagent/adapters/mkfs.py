@@ -11,6 +11,7 @@ from hostagent.errors import CommandError, OperationError, RefusedError
 # can be far slower; a timeout here would leave a half-written filesystem, so be generous.
 MKFS_TIMEOUT = 1800.0
 FSCK_TIMEOUT = 3600.0
+RECHECK_BYTES = 1 << 20
 # e2fsck exit bits (e2fsck(8)): 1 errors corrected, 2 corrected + reboot, 4 left uncorrected.
 FSCK_CORRECTED = (0, 1, 2)
 FSCK_UNCORRECTED = 4
@@ -31,10 +32,11 @@ def format_ext4(device_path: str, label: str, uuid: str, *, size_bytes: int,
                 resume: bool = False, run=runner.run) -> None:
     """mkfs.ext4 a disk the plan proved blank (or our own interrupted mkfs, resume=True).
 
-    The content is read once more right before: the plan's evidence is a few milliseconds old,
-    and non-interactive mke2fs formats over an existing filesystem without asking."""
+    The first and last MiB are read once more right before (where every signature lives), with
+    an exclusive open: the plan's evidence is milliseconds old, taken under our lock, and
+    non-interactive mke2fs formats over an existing filesystem without asking."""
     if not resume:
-        content = read_content(device_path, size_bytes)
+        content = read_content(device_path, size_bytes, edge_bytes=RECHECK_BYTES, samples=False)
         if content.read_error:
             raise RefusedError(f"{device_path} cannot be read ({content.read_error}); refusing "
                                "to format it", where=device_path, hint=HINT_READ)

@@ -19,6 +19,7 @@ from hostagent.flows.bootstrap import (
     VolumeSide,
     identity_volume_id,
     plan_bootstrap,
+    random_uuid,
     requested_name,
 )
 
@@ -262,3 +263,13 @@ def test_requested_name_follows_the_attachment_not_the_config():
     available = VolumeSide(volume_id=VOL, instance_id=ME.instance_id,
                            volume=VolumeInfo(VOL, "us-east-1a", "available", 10, ()))
     assert requested_name(TAGGED, available) == "/dev/xvdf"
+
+
+def test_random_uuid_is_a_version_4_uuid():
+    import uuid
+
+    made = {random_uuid() for _ in range(200)}
+    assert len(made) == 200
+    for text in made:
+        parsed = uuid.UUID(text)
+        assert (parsed.version, parsed.variant, str(parsed)) == (4, uuid.RFC_4122, text)
