@@ -202,7 +202,10 @@ def print_error(exc: HostagentError, *, as_json: bool) -> None:
     if as_json:
         import json
 
-        print(json.dumps({"ok": False, "error": str(exc), "exit_code": exc.exit_code}))
+        answer = {"ok": False, "error": str(exc), "exit_code": exc.exit_code}
+        if getattr(exc, "reason", None):
+            answer["reason"] = exc.reason
+        print(json.dumps(answer))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -17,11 +17,15 @@ class HostagentError(Exception):
 
     exit_code = EXIT_FAILED
 
-    def __init__(self, message: str, *, where: str | None = None, hint: str | None = None):
+    def __init__(self, message: str, *, where: str | None = None, hint: str | None = None,
+                 reason: str | None = None):
         super().__init__(message)
         self.message = message
         self.where = where
         self.hint = hint
+        # A short machine-readable cause ("attached-elsewhere", "not-blank"…): in --json
+        # output, and what the agent reports as the ECS attribute <prefix>.reason.
+        self.reason = reason
 
     def __str__(self) -> str:
         return f"{self.message} ({self.where})" if self.where else self.message

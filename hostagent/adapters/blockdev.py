@@ -313,7 +313,8 @@ def describe_devices(devices: Iterable[BlockDevice]) -> str:
 def _refuse_other_volume(device: BlockDevice, volume_id: str) -> RefusedError:
     return RefusedError(
         f"device {device.path} is volume {device.volume_id}, not {volume_id}; refusing to use it",
-        hint="device names are only hints; the NVMe serial says which volume a disk is")
+        hint="device names are only hints; the NVMe serial says which volume a disk is",
+        reason="wrong-device")
 
 
 def find_volume_device(
@@ -349,7 +350,8 @@ def find_volume_device(
     wanted = " or ".join(x for x in (volume_id, requested_name) if x)
     raise OperationError(
         f"no block device for {wanted} yet", where=f"seen: {describe_devices(devices)}",
-        hint="after AttachVolume the disk can take a few seconds to appear; hostagent waits and retries")
+        hint="after AttachVolume the disk can take a few seconds to appear; hostagent waits and retries",
+        reason="device-missing")
 
 
 def _kind_of(mode: int) -> str:

@@ -66,7 +66,7 @@ def fsck_preen(device_path: str, run=runner.run) -> str:
             f"{device_path} has filesystem errors e2fsck -p cannot fix safely ({last[0].strip()}); "
             "refusing to mount it", where=device_path,
             hint=f"snapshot the volume first, then run `e2fsck -f {device_path}` by hand and "
-                 "answer its questions; then run bootstrap again")
+                 "answer its questions; then run bootstrap again", reason="fs-damaged")
     raise CommandError(["e2fsck", "-f", "-p", device_path], done.returncode, done.stdout, done.stderr)
 
 

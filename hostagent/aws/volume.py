@@ -54,6 +54,7 @@ class VolumeInfo:
     attachments: tuple[Attachment, ...] = ()
     tags: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     snapshot_id: str = ""  # the snapshot EC2 made this volume from ("" for an empty volume)
+    multi_attach: bool = False  # io1/io2 Multi-Attach: several instances may attach it at once
 
     def attachment_of(self, instance_id: str) -> Attachment | None:
         return next((a for a in self.attachments if a.instance_id == instance_id), None)
@@ -75,7 +76,8 @@ def volume_info(raw: Mapping[str, Any]) -> VolumeInfo:
     return VolumeInfo(volume_id=raw["VolumeId"], availability_zone=raw.get("AvailabilityZone", ""),
                       state=raw.get("State", ""), size_gib=int(raw.get("Size") or 0),
                       attachments=attachments, tags=MappingProxyType(tags),
-                      snapshot_id=raw.get("SnapshotId") or "")
+                      snapshot_id=raw.get("SnapshotId") or "",
+                      multi_attach=bool(raw.get("MultiAttachEnabled")))
 
 
 def describe_search(volume_id: str = "", tags: Mapping[str, str] | None = None) -> str:
@@ -87,9 +89,14 @@ def describe_search(volume_id: str = "", tags: Mapping[str, str] | None = None) 
     return " and ".join(parts)
 
 
-def find_volume(ec2, *, volume_id: str = "", tags: Mapping[str, str] = MappingProxyType({})
-                ) -> VolumeInfo:
-    """The one volume with this id and/or these tags; zero is an error, several a refusal."""
+def find_volume(ec2, *, volume_id: str = "", tags: Mapping[str, str] = MappingProxyType({}),
+                availability_zone: str | None = None) -> VolumeInfo:
+    """The one volume with this id and/or these tags; zero is an error, several a refusal.
+
+    availability_zone: with tags, the one volume *in this zone* — one persistence volume per AZ
+    is how a stack spans zones, and only a volume in the instance's zone can attach. Matches only
+    in other zones are a refusal naming them (a person decides: restore a snapshot here, or move
+    the instance)."""
     from hostagent.aws.errors import AWSError, aws_call
 
     tags = dict(tags or {})
@@ -117,16 +124,39 @@ def find_volume(ec2, *, volume_id: str = "", tags: Mapping[str, str] = MappingPr
                if v.state != "deleted" and all(v.tags.get(k) == val for k, val in tags.items())]
     if not volumes:
         raise OperationError(
-            f"no EBS volume with {searched}", where=region,
+            f"no EBS volume with {searched}", where=region, reason="volume-not-found",
             hint="check [volume] id/tags in the config, and that the volume exists in this "
                  "instance's region")
+    if availability_zone and tags and not volume_id:
+        return _the_one_in_zone(volumes, availability_zone, searched)
     if len(volumes) > 1:
         listing = "; ".join(v.describe() for v in volumes)
         raise RefusedError(
             f"{len(volumes)} EBS volumes match {searched}: {listing}; refusing to guess",
-            where=region,
+            where=region, reason="ambiguous-volume",
             hint="make the tags match exactly one volume (retag the others), or set [volume] id")
     return volumes[0]
+
+
+def _the_one_in_zone(volumes: list[VolumeInfo], zone: str, searched: str) -> VolumeInfo:
+    """PURE: the single match in this zone, or the refusal that says what matched where."""
+    here = [v for v in volumes if v.availability_zone == zone]
+    if len(here) == 1:
+        return here[0]
+    if len(here) > 1:
+        raise RefusedError(
+            f"{len(here)} EBS volumes in {zone} match {searched}: "
+            f"{'; '.join(v.describe() for v in here)}; refusing to guess", where=zone,
+            reason="ambiguous-volume",
+            hint="one persistence volume per availability zone: retag the extra one, or set "
+                 "[volume] id")
+    zones = sorted({v.availability_zone for v in volumes})
+    raise RefusedError(
+        f"no EBS volume in {zone} matches {searched}; only in {', '.join(zones)}: "
+        f"{'; '.join(v.describe() for v in volumes)}", where=zone, reason="other-zone",
+        hint=f"a volume attaches only in its own zone: restore its latest snapshot here "
+             f"(`hostagent snapshots`, then `hostagent restore SNAPSHOT_ID`), or run this "
+             f"instance in {', '.join(zones)}")
 
 
 def describe_volume(ec2, volume_id: str) -> VolumeInfo:
@@ -139,6 +169,13 @@ def decide_attach(identity: Identity, volume: VolumeInfo) -> str:
 
     Pure: the same answer for the same data, and no call to anything.
     """
+    if volume.multi_attach:
+        raise RefusedError(
+            f"volume {volume.volume_id} has Multi-Attach enabled; refusing to use it: ext4 is "
+            "not a cluster filesystem, and two instances mounting it would corrupt CouchDB's "
+            "data", where=volume.volume_id, reason="multi-attach",
+            hint="turn Multi-Attach off (`aws ec2 modify-volume --no-multi-attach-enabled` "
+                 "while it is detached) or use a volume without it")
     others = [a for a in volume.attachments
               if a.instance_id != identity.instance_id and a.state != "detached"]
     if others:
@@ -146,13 +183,14 @@ def decide_attach(identity: Identity, volume: VolumeInfo) -> str:
         raise RefusedError(
             f"volume {volume.volume_id} is attached to another instance: {held}; refusing to "
             "take it (hostagent never force-detaches)", where=identity.instance_id,
+            reason="attached-elsewhere",
             hint="detach it there once nothing uses it (stop CouchDB on that host first), then "
                  "run `hostagent bootstrap` again")
     if volume.availability_zone != identity.availability_zone:
         raise OperationError(
             f"volume {volume.volume_id} is in {volume.availability_zone} but this instance "
             f"{identity.instance_id} is in {identity.availability_zone}; EBS volumes attach only "
-            "within their zone",
+            "within their zone", reason="other-zone",
             hint=f"make a volume in {identity.availability_zone} from a snapshot: `hostagent "
                  "snapshots`, then `hostagent restore SNAPSHOT_ID`; or launch the instance in "
                  f"{volume.availability_zone}")
@@ -200,7 +238,7 @@ def attach_volume(ec2, identity: Identity, volume: VolumeInfo, device_name: str,
             if exc.code == "VolumeInUse":
                 raise RefusedError(
                     f"volume {volume.volume_id} is in use elsewhere (AWS said VolumeInUse); "
-                    "refusing to take it", where=identity.instance_id,
+                    "refusing to take it", where=identity.instance_id, reason="attached-elsewhere",
                     hint="hostagent never force-detaches: detach it where it is attached, then "
                          "run `hostagent bootstrap` again") from exc
             raise
@@ -209,15 +247,20 @@ def attach_volume(ec2, identity: Identity, volume: VolumeInfo, device_name: str,
     while True:
         current = describe_volume(ec2, volume.volume_id)
         mine = current.attachment_of(identity.instance_id)
-        if mine and mine.state in ("attached", "busy"):
-            return current
+        # Before the device is touched: nobody else may hold the volume, even once it shows
+        # attached here (two attachments at once is Multi-Attach turned on behind our back).
         others = [a for a in current.attachments
                   if a.instance_id != identity.instance_id and a.state in HOLDING_STATES]
-        if others:
+        if others or current.multi_attach:
+            held = ", ".join(f"{a.instance_id} ({a.state})" for a in others) or "Multi-Attach on"
             raise RefusedError(
-                f"volume {volume.volume_id} went to another instance while attaching: "
-                + ", ".join(f"{a.instance_id} ({a.state})" for a in others),
-                where=identity.instance_id)
+                f"volume {volume.volume_id} is also held by another instance after the attach: "
+                f"{held}; refusing to touch its device", where=identity.instance_id,
+                reason="multi-attach",
+                hint="make sure only one instance uses the volume (no Multi-Attach), detach it "
+                     "from this one, and run `hostagent bootstrap` again")
+        if mine and mine.state in ("attached", "busy"):
+            return current
         remaining = deadline - clock()
         if remaining <= 0:
             state = mine.state if mine else "no attachment yet"

@@ -149,7 +149,8 @@ def observe_volume(config, aws) -> tuple[VolumeSide, Step | None]:
 
     vol_cfg = config.volume
     identity = aws.identity
-    volume = find_volume(aws.ec2, volume_id=vol_cfg.id, tags=dict(vol_cfg.tags))
+    volume = find_volume(aws.ec2, volume_id=vol_cfg.id, tags=dict(vol_cfg.tags),
+                         availability_zone=identity.availability_zone)
     decision = decide_attach(identity, volume)
     side = VolumeSide(volume_id=volume.volume_id, instance_id=identity.instance_id,
                       tags=dict(volume.tags), snapshot_id=volume.snapshot_id or None,
@@ -368,10 +369,12 @@ def plan_bootstrap(obs: HostObservation, config, side: VolumeSide) -> list[Step]
     if mounted_here and obs.mounted.major_minor != dev.major_minor:
         raise RefusedError(
             f"{mp} already has {obs.mounted.source} mounted, not {dev.path}; refusing to mount "
-            "over it", where=mp, hint=f"check `findmnt {mp}`; unmount it by hand if it is stale")
+            "over it", where=mp, hint=f"check `findmnt {mp}`; unmount it by hand if it is stale",
+            reason="mount-point-busy")
     for m in obs.device_mounts:
         raise RefusedError(f"{dev.path} is already mounted at {m.mount_point}; refusing to mount "
-                           f"it at {mp} too", where=dev.path, hint=f"umount {m.mount_point}")
+                           f"it at {mp} too", where=dev.path, hint=f"umount {m.mount_point}",
+                           reason="mounted-elsewhere")
     if obs.mount_point_kind == "other":
         raise UsageError("mount point exists and is not a directory", where=mp)
     if obs.mount_point_blocked:
@@ -382,7 +385,8 @@ def plan_bootstrap(obs: HostObservation, config, side: VolumeSide) -> list[Step]
         raise RefusedError(f"{', '.join(obs.twins)} carries the same filesystem UUID "
                            f"{fs_uuid_of(obs)} as {dev.path}; refusing: UUID= could mount either",
                            where=dev.path,
-                           hint="detach the disk that is not the volume (a copy from a snapshot?)")
+                           hint="detach the disk that is not the volume (a copy from a snapshot?)",
+                           reason="uuid-twins")
     if side.volume_id and obs.proven_volume_id is None and not config.volume.device:
         # Reusing the wrong disk is as bad as formatting it: mounting someone else's ext4 here
         # would report persistence=ready for data that is not this volume's.
@@ -390,12 +394,13 @@ def plan_bootstrap(obs: HostObservation, config, side: VolumeSide) -> list[Step]
             f"cannot prove {dev.path} is {side.volume_id}: it has no NVMe serial naming the "
             f"volume, and EC2 does not report the volume attached here as {dev.name}",
             where=dev.path,
-            hint="set volume.device to the disk if you are sure, or check `hostagent devices`")
+            hint="set volume.device to the disk if you are sure, or check `hostagent devices`",
+            reason="wrong-device")
     if obs.loop_users:
         from hostagent.blank import HINT_IN_USE
 
         raise RefusedError(f"{dev.path} {'; '.join(obs.loop_users)}; refusing to use it",
-                           where=dev.path, hint=HINT_IN_USE)
+                           where=dev.path, hint=HINT_IN_USE, reason="device-in-use")
 
     fmt, fs_uuid = plan_filesystem(obs, config, side)
     will_format = fmt.op is not None and fmt.op[0] == "mkfs"
@@ -487,6 +492,7 @@ def plan_filesystem(obs: HostObservation, config, side: VolumeSide) -> tuple[Ste
                         "formatting again with the same UUID",
                         op=("mkfs", {"uuid": intent_uuid, "resume": True})), intent_uuid
         error = blank.refusal_error(decision, dev.path, volume_id=side.volume_id)
+        error.reason = "not-blank"
         if obs.intent and not intent_here:
             error.hint = (f"{error.hint}; a format record in the state directory names another "
                           f"disk ({obs.intent.get('identity') or 'no durable identity'}), not this "

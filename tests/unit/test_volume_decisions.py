@@ -178,5 +178,61 @@ def test_stale_info_is_rechecked_before_attaching():
 def test_another_instance_winning_the_race_is_a_refusal():
     ec2 = StuckEC2([raw("available"), raw("in-use", [(OTHER, "/dev/sdf", "attaching")])])
     clock = Clock()
-    with pytest.raises(RefusedError, match="went to another instance while attaching"):
+    with pytest.raises(RefusedError, match="also held by another instance"):
         attach_volume(ec2, ME, vol(), "/dev/xvdf", timeout=30, clock=clock, sleep=clock.sleep)
+
+
+def test_attached_here_and_elsewhere_at_once_is_refused_before_the_device_is_touched():
+    """Two attachments at once (Multi-Attach switched on behind our back): even though this
+    instance's attachment completed, the device must not be used."""
+    both = raw("in-use", [(ME.instance_id, "/dev/xvdf", "attached"), (OTHER, "/dev/sdf", "attached")])
+    ec2 = StuckEC2([raw("available"), both])
+    clock = Clock()
+    with pytest.raises(RefusedError, match=OTHER):
+        attach_volume(ec2, ME, vol(), "/dev/xvdf", timeout=30, clock=clock, sleep=clock.sleep)
+
+
+# --- one volume per AZ; Multi-Attach --------------------------------------------------------
+
+from hostagent.aws.volume import _the_one_in_zone  # noqa: E402
+
+
+def named(volume_id, az):
+    return VolumeInfo(volume_id=volume_id, availability_zone=az, state="available", size_gib=10)
+
+
+def test_the_one_in_this_zone_is_chosen_among_matches_elsewhere():
+    here = named("vol-0aaaaaaaaaaaaaaaa", "us-east-1a")
+    chosen = _the_one_in_zone([named("vol-0bbbbbbbbbbbbbbbb", "us-east-1b"), here],
+                              "us-east-1a", "tags Name=x")
+    assert chosen is here
+
+
+def test_two_in_this_zone_are_refused_listing_both():
+    with pytest.raises(RefusedError) as err:
+        _the_one_in_zone([named("vol-0aaaaaaaaaaaaaaaa", "us-east-1a"),
+                          named("vol-0cccccccccccccccc", "us-east-1a")], "us-east-1a", "tags Name=x")
+    assert "vol-0aaaaaaaaaaaaaaaa" in str(err.value) and "vol-0cccccccccccccccc" in str(err.value)
+
+
+def test_matches_only_in_other_zones_are_refused_naming_the_zones():
+    with pytest.raises(RefusedError) as err:
+        _the_one_in_zone([named("vol-0bbbbbbbbbbbbbbbb", "us-east-1b"),
+                          named("vol-0dddddddddddddddd", "us-east-1c")], "us-east-1a", "tags Name=x")
+    assert err.value.exit_code == EXIT_REFUSED
+    assert "only in us-east-1b, us-east-1c" in str(err.value) and "restore" in err.value.hint
+
+
+def test_multi_attach_volume_is_refused_before_any_attach():
+    multi = VolumeInfo(volume_id="vol-0123456789abcdef0", availability_zone="us-east-1a",
+                       state="available", size_gib=10, multi_attach=True)
+    with pytest.raises(RefusedError) as err:
+        decide_attach(ME, multi)
+    assert "Multi-Attach" in str(err.value) and "no-multi-attach-enabled" in err.value.hint
+
+
+def test_multi_attach_flag_is_read_from_describe_volumes():
+    raw = {"VolumeId": "vol-0123456789abcdef0", "AvailabilityZone": "us-east-1a",
+           "State": "available", "Size": 10, "MultiAttachEnabled": True}
+    assert volume_info(raw).multi_attach is True
+    assert volume_info({**raw, "MultiAttachEnabled": False}).multi_attach is False
