@@ -333,16 +333,18 @@ def refusal_error(decision: Decision, device: str, volume_id: str | None = None)
     return RefusedError(decision.reason, where=f"volume {volume_id}" if volume_id else None, hint=hint)
 
 
-def is_own_interrupted_format(ev: Evidence, intent_uuid: str) -> str | None:
+def is_own_interrupted_format(ev: Evidence, intent_uuid: str, mark_uuid: str | None) -> str | None:
     """PURE: does the device hold nothing but what our own mkfs (run with -U intent_uuid) left
-    when it was killed? The caller has proven, by durable identity, that the record names this
-    very disk. Returns "complete" (an ext4 with exactly that UUID: mkfs writes the primary
-    superblock last, so it finished), "partial" (no signature at all: killed before the
-    superblock), or None (anything else: not ours to touch)."""
+    when it was killed? The caller has proven, by durable identity and size, that the record
+    names this very disk. Returns "complete" (an ext4 with exactly that UUID: mkfs writes the
+    primary superblock last, so it finished), "partial" (no signature, and the mark bootstrap
+    writes right before mkfs names that UUID: killed before the superblock), or None (anything
+    else — without our mark, non-zero bytes could be anybody's data)."""
     if ev.read_error or ev.partitions or ev.holders or ev.mounted_at or ev.is_root_disk or ev.users:
         return None
     if (ev.blkid_exit == BLKID_NOTHING_FOUND and not _has_values(ev.blkid)
-            and not ev.wipefs_signatures and not ev.wipefs_error):
+            and not ev.wipefs_signatures and not ev.wipefs_error
+            and mark_uuid is not None and mark_uuid.lower() == intent_uuid.lower()):
         return "partial"
     if (ev.blkid_exit == 0 and ev.blkid.get("TYPE") == "ext4"
             and not ev.blkid.get("PTTYPE")

@@ -25,7 +25,7 @@ COMMANDS = {
     "fetch-secrets": ("hostagent.flows.secrets:run", "download [secrets] source from S3 to dest, mode 0600"),
     "wait-couchdb": ("hostagent.flows.couchdb:run_wait", "wait until CouchDB answers /_up with status ok"),
     "check-couchdb": ("hostagent.flows.couchdb:run_check", "report CouchDB readiness and security posture"),
-    "agent": ("hostagent.flows.agent:run", "the long-running agent (systemd Type=notify)"),
+    "agent": ("hostagent.flows.agent:run", "the long-running agent (systemd Type=notify): reports to ECS, claims the volume while it is not mounted"),
     "ecs-task-volumes": ("hostagent.flows.ecs_task_volumes:run", "print the ECS task-definition volumes + mountPoints JSON"),
 }
 
@@ -64,7 +64,7 @@ def fast_parse(argv: Sequence[str]) -> SimpleNamespace | None:
     words = list(argv)
     while words:
         word = words.pop(0)
-        if word == "--config" and words:
+        if word == "--config" and words and not words[0].startswith("-"):
             found["config"] = words.pop(0)
         elif word.startswith("--config=") and len(word) > len("--config="):
             found["config"] = word[len("--config="):]
@@ -126,7 +126,8 @@ def _command_options(name: str, cmd) -> None:
                          help="seconds to wait for readiness (default: 0, look once)")
     elif name == "agent":
         cmd.add_argument("--once", action="store_true",
-                         help="run the checks and report once, then exit")
+                         help="run the checks and report once, then exit; only reports: it "
+                              "never runs bootstrap to claim the volume (the service does)")
 
 
 def build_parser(only: str | None = None):

@@ -16,7 +16,8 @@ def set_level(level: int, configure=None) -> None:
 
 
 def _logging():
-    if "logging" not in sys.modules and _state["configure"] is not None:
+    # Configure on first use even when another module (boto3, requests) imported logging first.
+    if _state["configure"] is not None:
         configure, _state["configure"] = _state["configure"], None
         configure()
     import logging

@@ -126,8 +126,9 @@ def _spawn_and_wait(argv: list[str], data: bytes | None, timeout: float):
             in_r, in_w = _pipe(pipes)
             actions.insert(0, (os.POSIX_SPAWN_DUP2, in_r, 0))
         try:
-            # Its own process group, so a timeout kills whatever it started too.
-            pid = os.posix_spawn(argv[0], argv, os.environ, file_actions=actions, setpgroup=0,
+            # In our own process group: if hostagent is killed (kill -- -PGID, systemd, a
+            # terminal's Ctrl-C), the command dies with it rather than running on unlocked.
+            pid = os.posix_spawn(argv[0], argv, os.environ, file_actions=actions,
                                  setsigmask=(), setsigdef=RESET_SIGNALS)
         except ValueError as exc:  # an embedded NUL byte
             raise OperationError(f"cannot run {' '.join(argv)!r}: {exc}") from None
@@ -147,20 +148,20 @@ def _spawn_and_wait(argv: list[str], data: bytes | None, timeout: float):
         pidfd = _pidfd(pid)
         chunks: dict[int, list[bytes]] = {out_r: [], err_r: []}
         if not _pump(pipes, chunks, in_w, data, deadline):
-            _kill_group(pid)
+            _kill(pid)
             _pump(pipes, chunks, None, None, time.monotonic() + KILL_GRACE)
             reaped = _reap(pid, pidfd, time.monotonic() + KILL_GRACE) is not None
             return None, b"".join(chunks[out_r]), b"".join(chunks[err_r])
         status = _reap(pid, pidfd, deadline)
         if status is None:
-            _kill_group(pid)
+            _kill(pid)
             reaped = _reap(pid, pidfd, time.monotonic() + KILL_GRACE) is not None
             return None, b"".join(chunks[out_r]), b"".join(chunks[err_r])
         reaped = True
         return os.waitstatus_to_exitcode(status), b"".join(chunks[out_r]), b"".join(chunks[err_r])
     finally:
         if not reaped:  # interrupted (Ctrl-C, a signal handler raising) or not reaped in time
-            _kill_group(pid)
+            _kill(pid)
             _reap(pid, pidfd, time.monotonic() + 0.1)
         if pidfd is not None:
             os.close(pidfd)
@@ -240,11 +241,35 @@ def _pidfd(pid: int) -> int | None:
         return None
 
 
-def _kill_group(pid: int) -> None:
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
+def _descendants(pid: int) -> list[int]:
+    """The process tree below pid, from /proc/PID/task/TID/children."""
+    found, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        try:
+            tasks = os.listdir(f"/proc/{parent}/task")
+        except OSError:
+            continue
+        for tid in tasks:
+            try:
+                with open(f"/proc/{parent}/task/{tid}/children", encoding="ascii") as f:
+                    kids = [int(k) for k in f.read().split()]
+            except (OSError, ValueError):
+                continue
+            found += kids
+            todo += kids
+    return found
+
+
+def _kill(pid: int) -> None:
+    """Kill the command and whatever it started (on timeout, or when we are interrupted). The
+    tree is walked rather than given its own process group: in ours, a command dies with
+    hostagent (kill -- -PGID, a terminal's Ctrl-C) instead of running on without the lock."""
+    for victim in [pid, *_descendants(pid)]:
+        try:
+            os.kill(victim, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
 
 
 def _stop_inheriting_fds() -> None:

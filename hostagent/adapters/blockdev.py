@@ -259,23 +259,50 @@ def list_partitions(device: BlockDevice, sysfs_root: str = "/sys",
 
 def durable_identity(device: BlockDevice, proven_volume_id: str | None = None) -> str | None:
     """What makes this disk *this* disk across a crash, never its kernel name (a different disk
-    can show up as loop3 or xvdf next time): the EBS volume id (NVMe serial, or the attachment
-    EC2 reports here), a loop device's backing file by inode, a WWN or serial. None when the
-    disk carries no identity at all (a virtio disk without serial)."""
-    volume_id = device.volume_id or proven_volume_id
-    if volume_id:
-        return f"ebs:{volume_id}"
+    can show up as loop3 or xvdf next time). The disk's own identity first: the EBS volume id
+    of its NVMe serial, a loop device's backing file (inode and its generation: a deleted file's
+    inode number is reused at once), a WWN or serial; only a disk with none of these (Xen) is
+    identified by proven_volume_id, the attachment EC2 reports here. None when nothing at all
+    identifies it (a virtio disk without serial)."""
+    if device.volume_id:
+        return f"ebs:{device.volume_id}"
     if device.backing_file:
         try:
             st = os.stat(device.backing_file)
         except OSError:
             return None  # deleted or unreachable: nothing durable left to compare
-        return f"loop:{device.backing_file}:dev={st.st_dev}:ino={st.st_ino}"
+        generation = _inode_generation(device.backing_file)
+        gen = f":gen={generation}" if generation is not None else ""
+        return f"loop:{device.backing_file}:dev={st.st_dev}:ino={st.st_ino}{gen}"
     if device.wwid:
         return f"wwid:{device.wwid}"
     if device.serial:
         return f"serial:{device.model.strip()}:{device.serial}"
+    if proven_volume_id:
+        return f"ebs:{proven_volume_id}"
     return None
+
+
+FS_IOC_GETVERSION = 0x80087601  # _IOR('v', 1, long): the inode's generation number
+
+
+def _inode_generation(path: str) -> int | None:
+    """ext4/xfs/btrfs give every new inode a fresh generation; None where the ioctl is missing."""
+    import array
+    import fcntl
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        buf = array.array("l", [0])
+        fcntl.ioctl(fd, FS_IOC_GETVERSION, buf, True)
+        return buf[0]
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
 
 
 def loops_backed_by(devs: set[str], sys_block: str = "/sys/block") -> list[str]:

@@ -164,8 +164,10 @@ def leftover_views(state_dir: str, entries: Iterable[MountEntry]) -> list[str]:
 
 
 def remove_view(path: str, run=default_run) -> None:
-    """Unmount one of our views (every mount stacked there) and remove its directory."""
-    while os.path.ismount(path):
+    """Unmount one of our views (every mount stacked there) and remove its directory. The
+    mount table says what is mounted there: os.path.ismount cannot see a bind mount of the
+    filesystem the directory itself is on (same st_dev)."""
+    while mount_at(path, read_mountinfo()) is not None:
         run(["umount", path], timeout=MOUNT_TIMEOUT)
     try:
         os.rmdir(path)

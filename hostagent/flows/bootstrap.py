@@ -57,6 +57,7 @@ class HostObservation(NamedTuple):
     loop_users: tuple[str, ...]
     intent: Mapping | None
     own_mkfs_clean: bool | None  # e2fsck -n on an unmounted ext4 our intent made; None: not run
+    mark_uuid: str | None  # the UUID our pre-mkfs mark names (read only with a format record)
     mounted: Any  # MountEntry at the mount point, or None
     device_mounts: tuple[Any, ...]  # MountEntry of this disk elsewhere (this namespace)
     mount_point_kind: str  # "dir" | "missing" | "other"
@@ -105,7 +106,9 @@ def bootstrap(config, dry_run: bool, steps: list[Step], info: dict) -> None:
         aws = AWS()
         side, attach = observe_volume(config, aws)
         info["volume_id"] = side.volume_id
-        if attach is not None:
+        if attach is not None and attach.op is None:
+            apply(steps, [attach], dry_run, {})
+        elif attach is not None:
             apply(steps, [attach], dry_run, executors(config, aws, side, None))
             if dry_run:
                 steps.append(Step("device", f"wait for the block device of {side.volume_id}",
@@ -118,6 +121,12 @@ def bootstrap(config, dry_run: bool, steps: list[Step], info: dict) -> None:
     plan = plan_bootstrap(obs, config, side)
     fmt = next((s for s in plan if s.op and s.op[0] == "mkfs"), None)
     info["uuid"] = fmt.op[1]["uuid"] if fmt else fs_uuid_of(obs)
+    if dry_run and fmt is not None and not (obs.intent or {}).get("uuid") == info["uuid"]:
+        # The UUID is drawn at random when planning: a real run draws its own. Say <new>.
+        for step in plan:
+            step.action = step.action.replace(info["uuid"], "<new>")
+            step.reason = step.reason.replace(info["uuid"], "<new>")
+        info["uuid"] = None
     apply(steps, plan, dry_run, executors(config, aws, side, obs))
     if not dry_run:
         record_volume(config, side, obs, info["uuid"])
@@ -157,7 +166,8 @@ def observe_volume(config, aws) -> tuple[VolumeSide, Step | None]:
                       volume=volume)
     where = f"{volume.volume_id} in {volume.availability_zone}"
     if decision == "attached-here":
-        return side, None
+        return side, Step("attach", f"attach {volume.volume_id}",
+                          f"already attached to this instance ({identity.instance_id})")
     if not vol_cfg.attach:
         raise OperationError(f"volume {where} is available but volume.attach = false",
                              where=config.source, hint="attach it, or set volume.attach = true")
@@ -296,6 +306,11 @@ def observe_host(config, side: VolumeSide, dev) -> HostObservation:
             formatted_tag=side.tags.get(FORMATTED_TAG), snapshot_id=side.snapshot_id,
             mountinfo=table)
 
+    mark_uuid = None
+    if intent and identity and intent.get("identity") == identity:
+        from hostagent.adapters.mkfs import read_mark
+
+        mark_uuid = read_mark(dev.path, dev.size_bytes)
     own_mkfs_clean = None
     if (intent and identity and intent.get("identity") == identity and sb and not sb.ever_mounted
             and str(intent.get("uuid", "")).lower() == sb.uuid.lower() and mounted is None
@@ -309,8 +324,11 @@ def observe_host(config, side: VolumeSide, dev) -> HostObservation:
         kind = "dir" if os.path.isdir(mp) else "other"
     blocked = None
     if kind == "missing":
-        problem, _ = _write_problem(_nearest_existing(os.path.dirname(mp)))
-        blocked = problem
+        ancestor = _nearest_existing(os.path.dirname(mp))
+        if not os.path.isdir(ancestor):
+            blocked = f"{ancestor} is not a directory"
+        else:
+            blocked, _ = _write_problem(ancestor)
     bare_immutable, leftovers = None, ()
     if kind == "dir" and mounted is None:
         bare_immutable = mounts.is_immutable(mp)
@@ -329,7 +347,7 @@ def observe_host(config, side: VolumeSide, dev) -> HostObservation:
     return HostObservation(
         device=dev, mount_point=mp, proven_volume_id=proven, identity=identity, superblock=sb,
         evidence=evidence, known_uuid=known_uuid, loop_users=loop_users, intent=intent,
-        own_mkfs_clean=own_mkfs_clean, mounted=mounted, device_mounts=device_mounts,
+        own_mkfs_clean=own_mkfs_clean, mark_uuid=mark_uuid, mounted=mounted, device_mounts=device_mounts,
         mount_point_kind=kind, mount_point_blocked=blocked, bare_immutable=bare_immutable,
         bare_leftovers=leftovers,
         guard_recorded=(guard.get("mount_point") == mp and mounted is not None
@@ -460,7 +478,8 @@ def plan_filesystem(obs: HostObservation, config, side: VolumeSide) -> tuple[Ste
     label = config.filesystem.label
     intent = obs.intent or {}
     intent_here = bool(obs.identity and intent.get("identity") == obs.identity
-                       and intent.get("volume_id") == side.volume_id and intent.get("uuid"))
+                       and intent.get("volume_id") == side.volume_id and intent.get("uuid")
+                       and intent.get("size_bytes") == dev.size_bytes)
     intent_uuid = str(intent.get("uuid", "")) if intent_here else ""
     action = f"mkfs.ext4 -L {label} -m 0 {dev.path}"
 
@@ -486,7 +505,8 @@ def plan_filesystem(obs: HostObservation, config, side: VolumeSide) -> tuple[Ste
         return Step("format", action, why, op=("forget-intent", {}) if intent_here else None), \
             decision.fs_uuid
     if decision.action == "refuse":
-        if intent_here and blank.is_own_interrupted_format(obs.evidence, intent_uuid) == "partial":
+        if intent_here and blank.is_own_interrupted_format(
+                obs.evidence, intent_uuid, obs.mark_uuid) == "partial":
             return Step("format", action + " -F", f"our own mkfs of this disk "
                         f"({intent.get('started')}) was interrupted before it wrote a superblock; "
                         "formatting again with the same UUID",
@@ -578,6 +598,7 @@ def executors(config, aws, side: VolumeSide, obs: HostObservation | None) -> dic
     fs_cfg, host = config.filesystem, config.host
     mp = os.path.normpath(fs_cfg.mount_point)
     wrote_fstab = []
+    mounted_now: list[bool] = []
     guarded = [obs is not None and bool(obs.bare_immutable)]
 
     def attach(args) -> str:
@@ -612,9 +633,15 @@ def executors(config, aws, side: VolumeSide, obs: HostObservation | None) -> dic
         try:
             format_ext4(dev.path, fs_cfg.label, args["uuid"], size_bytes=dev.size_bytes,
                         resume=args["resume"])
-        except (CommandError, RefusedError):
-            # mkfs itself failed (or the disk changed under us): nothing of ours to resume.
+        except RefusedError:
+            # The disk changed under us before mkfs ran: nothing of ours is on it.
             state.remove_record(host.state_dir, state.FORMAT_INTENT)
+            raise
+        except CommandError as exc:
+            # mkfs failed by itself: the record goes, a person looks. Killed by a signal or our
+            # timeout, it was interrupted: the record stays, so the next run may finish it.
+            if exc.returncode is not None and exc.returncode >= 0:
+                state.remove_record(host.state_dir, state.FORMAT_INTENT)
             raise
         sb = read_superblock(dev.path)
         if sb is None or sb.uuid.lower() != args["uuid"].lower():
@@ -692,6 +719,7 @@ def executors(config, aws, side: VolumeSide, obs: HostObservation | None) -> dic
                                "unmounted again", where=mp,
                                hint="two disks carry this filesystem UUID: detach the one that "
                                     "is not the volume")
+        mounted_now.append(True)
         if guarded[0]:
             # The bare directory under this mount is known immutable: the next run need not
             # bind-mount the parent filesystem to look underneath.
@@ -703,8 +731,17 @@ def executors(config, aws, side: VolumeSide, obs: HostObservation | None) -> dic
         from hostagent.adapters.layout import apply_layout
 
         lay = config.layout
-        changed = apply_layout(mp, lay.directories, lay.owner, lay.group, lay.mode_bits,
-                               expected_device=obs.device.major_minor)
+        try:
+            changed = apply_layout(mp, lay.directories, lay.owner, lay.group, lay.mode_bits,
+                                   expected_device=obs.device.major_minor)
+        except RefusedError:
+            if mounted_now:
+                # A reused ext4 whose layout cannot be trusted (a symlink off the volume): leave
+                # the host as it was before this run, not half set up for CouchDB.
+                mounts.unmount(mp)
+                if wrote_fstab:
+                    fstab.restore_fstab(fs_cfg.fstab)
+            raise
         return "; ".join(changed) if changed else Unchanged("already laid out")
 
     return {"attach": attach, "remove-view": remove_view, "fsck": fsck, "mkfs": mkfs,
@@ -723,3 +760,7 @@ def record_volume(config, side: VolumeSide, obs: HostObservation, fs_uuid: str |
               "serial": dev.serial, "uuid": fs_uuid, "identity": obs.identity}
     if state.read_record(config.host.state_dir, state.VOLUME_RECORD) != record:
         state.write_record(config.host.state_dir, state.VOLUME_RECORD, record)
+    # The volume is in place: a format record still here is stale (another disk's, or ours
+    # already settled), and must never arm a later run.
+    if state.read_record(config.host.state_dir, state.FORMAT_INTENT) is not None:
+        state.remove_record(config.host.state_dir, state.FORMAT_INTENT)

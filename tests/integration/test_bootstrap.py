@@ -351,6 +351,10 @@ def test_kill_9_in_the_middle_of_mkfs_then_rerun_formats_its_own_device(loop_dev
 
     planned = str(uuidlib.uuid4())
     state.write_record(host_paths["state_dir"], state.FORMAT_INTENT, intent_record(dev, planned))
+    # Bootstrap marks the disk right before mkfs: the positive trace of its own mkfs.
+    from hostagent.adapters.mkfs import write_mark
+
+    write_mark(dev, intent_record(dev, planned)["size_bytes"], planned)
     mkfs = subprocess.Popen(["mkfs.ext4", "-q", "-F", "-U", planned, "-L", "couchdb", "-m", "0",
                              "-E", "lazy_itable_init=0,lazy_journal_init=0,nodiscard", dev])
     time.sleep(delay)

@@ -267,7 +267,9 @@ def test_data_only_in_the_last_mib_is_refused(loop_device):
 def test_data_on_a_stride_sample_is_refused(loop_device):
     dev = loop_device("1G")
     write_at(dev, 192 * MIB + 8192, random_block())
-    assert_refused_untouched(dev, f"has non-zero bytes at offset {192 * MIB + 8192}")
+    # The plan refuses; format_ext4's own last look covers only the first and last MiB.
+    assert_refused_untouched(dev, f"has non-zero bytes at offset {192 * MIB + 8192}",
+                             content_refused=False)
 
 
 def test_data_only_between_samples_is_not_seen(loop_device):

@@ -257,6 +257,38 @@ def test_format_record_left_by_a_kill_never_formats_another_disk_under_that_name
             unmount_everything_under(host_paths["root"])
 
 
+def test_format_record_never_formats_a_new_file_at_the_same_path_and_inode(
+        tools, host_paths, tmp_path):
+    """The reviewer's reproduction: the backing file is deleted and a new one full of random
+    bytes is written at the same path — ext4 hands out the freed inode number again — and
+    attached under the same loop name. Path, inode and size all match the record; only our
+    pre-mkfs mark (and the inode generation) tell it is not our half-made filesystem."""
+    size = 256 * MIB
+    backing = tmp_path / "disk.img"
+    sh("truncate", "-s", str(size), backing)
+    with own_loop(backing) as dev:
+        config = make_config(host_paths, dev)
+        intent = os.path.join(host_paths["state_dir"], INTENT)
+        kill_once_format_intent_exists(start_bootstrap(config), intent)
+        inode = os.stat(backing).st_ino
+        sh("losetup", "-d", dev)
+        os.unlink(backing)
+        random_image(backing, size)
+        for _ in range(200):
+            if sh("losetup", dev, backing, check=False).returncode == 0:
+                break
+            time.sleep(0.05)
+        before = looks(dev, host_paths)
+        result = hostagent(config, "bootstrap")
+        try:
+            assert result.returncode == 3, \
+                f"exit {result.returncode} (inode reused: {os.stat(backing).st_ino == inode}): " \
+                f"{result.stdout}{result.stderr}"
+            assert_untouched(dev, host_paths, before, result)
+        finally:
+            unmount_everything_under(host_paths["root"])
+
+
 def test_rejected_label_leaves_no_format_record_to_arm_a_later_run(tools, host_paths, tmp_path):
     """`label = "-Fx"` is exit 2 with nothing written, not even the record; the fixed config
     then meets a disk full of random bytes under the same name: refused, untouched."""

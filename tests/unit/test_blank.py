@@ -3,6 +3,7 @@ real tools (util-linux 2.38.1 on Debian 12) pasted in as literal strings."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 
 import pytest
@@ -628,14 +629,46 @@ def test_a_loop_on_top_forbids_reusing_an_ext4_too():
 
 def test_own_interrupted_format_is_only_our_uuid_or_nothing_at_all():
     uuid = "b032c618-40a3-4813-9511-197b47c79f70"  # BLKID_EXT4_LABEL's
-    assert blank.is_own_interrupted_format(with_(head_nonzero_offset=4096), uuid) == "partial"
-    assert blank.is_own_interrupted_format(with_(**EXT4), uuid) == "complete"
-    assert blank.is_own_interrupted_format(with_(**EXT4), "00000000-0000-0000-0000-000000000000") is None
+    partial = with_(tail_nonzero_offset=(100 << 30) - (1 << 20))  # our mark, nothing else
+    assert blank.is_own_interrupted_format(partial, uuid, uuid) == "partial"
+    assert blank.is_own_interrupted_format(partial, uuid, uuid.upper()) == "partial"
+    # Without our mark (or with another run's), non-zero bytes could be anybody's data.
+    assert blank.is_own_interrupted_format(partial, uuid, None) is None
+    assert blank.is_own_interrupted_format(partial, uuid, "00000000-0000-0000-0000-000000000000") is None
+    assert blank.is_own_interrupted_format(with_(**EXT4), uuid, None) == "complete"
+    assert blank.is_own_interrupted_format(with_(**EXT4), "00000000-0000-0000-0000-000000000000", None) is None
     xfs = with_(blkid_exit=0, blkid=blank.parse_blkid_export(BLKID_XFS),
                 wipefs_signatures=("xfs at 0x0",))
-    assert blank.is_own_interrupted_format(xfs, uuid) is None
-    assert blank.is_own_interrupted_format(with_(mounted_at=("/x",)), uuid) is None
-    assert blank.is_own_interrupted_format(with_(users=("backs /dev/loop7",)), uuid) is None
+    assert blank.is_own_interrupted_format(xfs, uuid, uuid) is None
+    assert blank.is_own_interrupted_format(with_(mounted_at=("/x",)), uuid, uuid) is None
+    assert blank.is_own_interrupted_format(with_(users=("backs /dev/loop7",)), uuid, uuid) is None
+
+
+def test_mark_round_trip_and_strict_parse():
+    from hostagent.adapters.mkfs import MARK_SIZE, mark_bytes, parse_mark
+
+    uuid = "b032c618-40a3-4813-9511-197b47c79f70"
+    block = mark_bytes(uuid)
+    assert len(block) == MARK_SIZE and parse_mark(block) == uuid
+    assert parse_mark(bytes(MARK_SIZE)) is None
+    assert parse_mark(block[:-1] + b"x") is None  # anything after the mark: not ours
+    assert parse_mark(os.urandom(MARK_SIZE)) is None
+
+
+def test_mark_survives_a_real_mkfs(tmp_path):
+    """mke2fs zeroes the device's last sectors: the mark must sit where it never writes."""
+    from hostagent.adapters.mkfs import read_mark, write_mark
+
+    image = str(tmp_path / "m.img")
+    with open(image, "wb") as f:
+        f.truncate(256 << 20)
+    uuid = "3f65737e-e3eb-406c-ba78-f316dffb7019"
+    write_mark(image, 256 << 20, uuid)
+    need_tool("mkfs.ext4", "e2fsprogs")
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-U", uuid, "-m", "0", "-E",
+                    "lazy_itable_init=1,lazy_journal_init=1,nodiscard", image], check=True,
+                   capture_output=True, env={"PATH": "/usr/sbin:/sbin:/usr/bin:/bin"})
+    assert read_mark(image, 256 << 20) == uuid
 
 
 def test_superblock_records_errors_set_by_debugfs(tmp_path):

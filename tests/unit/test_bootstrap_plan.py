@@ -67,7 +67,7 @@ def observation(**changes) -> HostObservation:
     base = HostObservation(
         device=disk(), mount_point=MP, proven_volume_id=None, identity=LOOP_ID, superblock=None,
         evidence=BLANK, known_uuid=None, loop_users=(), intent=None, own_mkfs_clean=None,
-        mounted=None, device_mounts=(), mount_point_kind="missing", mount_point_blocked=None,
+        mark_uuid=None, mounted=None, device_mounts=(), mount_point_kind="missing", mount_point_blocked=None,
         bare_immutable=None, bare_leftovers=(), guard_recorded=False, fstab_text="",
         fstab_blocked=None, fstab_free_bytes=1 << 30, twins=(), views=(), layout=None)
     return base._replace(**changes)
@@ -173,13 +173,27 @@ def test_leftover_views_are_removed_first():
 
 # --- the format intent: only the same disk, only our own leftovers -----------------------
 
-INTENT = {"identity": LOOP_ID, "volume_id": None, "uuid": UUID, "started": "t"}
-PARTIAL = BLANK._replace(head_nonzero_offset=4096)  # mkfs wrote, no superblock yet
+INTENT = {"identity": LOOP_ID, "volume_id": None, "uuid": UUID, "started": "t",
+          "size_bytes": 16 * GIB}
+PARTIAL = BLANK._replace(tail_nonzero_offset=16 * GIB - (1 << 20))  # our mark, no superblock yet
 
 
 def test_interrupted_mkfs_on_the_same_disk_is_finished_with_the_same_uuid():
-    steps = plan(observation(evidence=PARTIAL, intent=INTENT))
+    steps = plan(observation(evidence=PARTIAL, intent=INTENT, mark_uuid=UUID))
     assert steps[0].op == ("mkfs", {"uuid": UUID, "resume": True})
+
+
+def test_interrupted_mkfs_without_our_mark_is_refused():
+    """Same disk by identity (a loop file's inode can be reused), no mark: the bytes could be
+    anybody's."""
+    err = refusal(observation(evidence=PARTIAL, intent=INTENT, mark_uuid=None))
+    assert err.exit_code == EXIT_REFUSED
+
+
+def test_intent_for_a_disk_of_another_size_authorises_nothing():
+    err = refusal(observation(evidence=PARTIAL, intent={**INTENT, "size_bytes": 8 * GIB},
+                              mark_uuid=UUID))
+    assert err.exit_code == EXIT_REFUSED
 
 
 def test_intent_for_another_disk_authorises_nothing():

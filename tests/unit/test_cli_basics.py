@@ -169,6 +169,7 @@ ARGPARSE_ONLY = [
     ["verify-mount", "--dry-run"], ["--dry-run", "bootstrap"], ["bootstrap", "extra"],
     ["restore", "snap-0123456789abcdef0"], ["wait-couchdb", "--timeout", "5"],
     ["check-couchdb"], ["bootstrap", "--config"], ["bootstrap", "bootstrap"], ["-x", "devices"],
+    ["bootstrap", "--config", "--dry-run"],
 ]
 
 

@@ -186,3 +186,28 @@ def test_without_pidfd_it_still_waits_and_times_out(monkeypatch):
     with pytest.raises(CommandError, match="timed out"):
         run(["sh", "-c", "exec >&- 2>&-; sleep 10"], timeout=0.3)
     assert time.monotonic() - start < 2
+
+
+def test_a_command_dies_with_hostagent_when_its_process_group_is_killed(tmp_path):
+    """kill -- -PGID (or a terminal's Ctrl-C, or a unit's KillMode=process-group) must not leave
+    a mkfs or e2fsck running on, unlocked, after hostagent is gone."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    pidfile = tmp_path / "pid"
+    script = ("import sys; from hostagent.runner import run; "
+              f"run(['sh', '-c', 'echo $$ > {pidfile}; exec sleep 30'], timeout=60)")
+    parent = subprocess.Popen([sys.executable, "-c", script], start_new_session=True,
+                              env={**os.environ, "PYTHONPATH": os.getcwd()})
+    deadline = time.monotonic() + 10
+    while not (pidfile.exists() and pidfile.read_text().strip()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    child = int(pidfile.read_text())
+    os.killpg(parent.pid, signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 2
+    while _is_running(child) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not _is_running(child)
