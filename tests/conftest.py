@@ -96,6 +96,19 @@ def aws(moto_server, monkeypatch):
 
 
 @pytest.fixture
+def fidelity(aws, monkeypatch):
+    """The EC2 fidelity proxy (tests/support/ec2_fidelity.py) in front of the session moto server,
+    fresh per test on its own port: boto3 and `python -m hostagent` reach it via AWS_ENDPOINT_URL,
+    and meet EC2's refusals, delays and eventual consistency that moto alone does not play."""
+    from tests.support.ec2_fidelity import EC2Fidelity
+
+    proxy = EC2Fidelity(aws).start()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+    yield proxy
+    proxy.stop()
+
+
+@pytest.fixture
 def imds(monkeypatch):
     """Factory for an IMDSv2 test server; sets AWS_EC2_METADATA_SERVICE_ENDPOINT to it."""
     from tests.support.imds import IMDSServer
