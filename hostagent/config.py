@@ -22,6 +22,13 @@ VOLUME_ID_RE = re.compile(r"^vol-[0-9a-f]{8}([0-9a-f]{9})?$")
 S3_URL_RE = re.compile(r"s3://(?P<bucket>[A-Za-z0-9][A-Za-z0-9._-]{1,254})/(?P<key>.+)")
 DEVICE_NAME_RE = re.compile(r"/dev/[a-z][a-z0-9]{1,15}")  # what AttachVolume takes: /dev/xvdf, /dev/sdf
 REGION_RE = re.compile(r"[a-z]{2}(-[a-z]+)+-[0-9]{1,2}")  # eu-west-1, us-gov-west-1, ap-southeast-5
+# What CopySnapshot's KmsKeyId takes: a key id (or mrk- multi-Region key id), alias/NAME, or the
+# ARN of a key or an alias.
+KMS_KEY_ID = r"(?:[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}|mrk-[0-9a-f]{32})"
+KMS_ALIAS = r"alias/[A-Za-z0-9/_-]{1,250}"
+KMS_KEY_RE = re.compile(
+    rf"{KMS_KEY_ID}|{KMS_ALIAS}"
+    rf"|arn:aws[a-z-]*:kms:(?P<region>[a-z0-9-]+):[0-9]{{12}}:(?:key/{KMS_KEY_ID}|{KMS_ALIAS})")
 LABEL_RE = re.compile(r"[A-Za-z0-9_.+@:][A-Za-z0-9_.+@:-]*")
 CLOUDWATCH_NAMESPACE_RE = re.compile(r"[A-Za-z0-9._/#:-]{1,255}")
 # http(s)://[userinfo@]host[:port][/path?query#fragment]; host a name or a [v6 literal].
@@ -92,6 +99,7 @@ class SnapshotConfig(NamedTuple):
     freeze: bool = True
     freeze_timeout: int = 60  # the watchdog thaws after this many seconds, whatever happens
     copy_to_region: str = ""
+    copy_kms_key: str = ""  # KMS key in copy_to_region for the copies; required if encrypted
 
 
 class SecretsConfig(NamedTuple):
@@ -386,6 +394,19 @@ def _check_semantics(config: Config) -> Config:
     if snap.copy_to_region and not REGION_RE.fullmatch(snap.copy_to_region):
         raise ConfigError(f"snapshot.copy_to_region {snap.copy_to_region!r} is not an AWS "
                           "region (like eu-west-1)", where=src)
+    if snap.copy_kms_key:
+        key_match = KMS_KEY_RE.fullmatch(snap.copy_kms_key)
+        if not key_match:
+            raise ConfigError(f"snapshot.copy_kms_key {snap.copy_kms_key!r} is not a KMS key: give "
+                              "its ARN, its key id, alias/NAME or an alias ARN", where=src)
+        if not snap.copy_to_region:
+            raise ConfigError("snapshot.copy_kms_key is set but snapshot.copy_to_region is not: "
+                              "the key only encrypts cross-region copies", where=src)
+        if key_match["region"] and key_match["region"] != snap.copy_to_region:
+            raise ConfigError(f"snapshot.copy_kms_key is in {key_match['region']}, but copies go "
+                              f"to {snap.copy_to_region}: KMS keys are regional", where=src,
+                              hint=f"use a key in {snap.copy_to_region} (a multi-Region key has "
+                                   "an ARN per Region)")
     if snap.keep_last < 1:
         raise ConfigError("snapshot.keep_last must be at least 1 (the newest is always kept)",
                           where=src)

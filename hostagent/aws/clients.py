@@ -104,4 +104,23 @@ class AWS:
             retries["total_max_attempts"] = self.max_attempts
         config = Config(retries=retries, connect_timeout=self.connect_timeout,
                         read_timeout=self.read_timeout)
-        return self._session.client(service, region_name=region, config=config)
+        client = self._session.client(service, region_name=region, config=config)
+        if service == "ec2":
+            from hostagent.aws.snapshots import refuse_blind_retries
+
+            refuse_blind_retries(client)
+        return client
+
+
+def make_aws(aws: AWS | None = None) -> AWS:
+    """The AWS clients a flow was given (tests pass their own), else the real ones."""
+    return aws if aws is not None else AWS()
+
+
+def require_aws_volume(config) -> None:
+    """Snapshot, prune and restore work on an EBS volume: a device-only config has none."""
+    if not config.volume.uses_aws:
+        from hostagent.errors import ConfigError
+
+        raise ConfigError("snapshots need an EBS volume: set volume.id or volume.tags",
+                          where=config.source)

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 
 from hostagent.errors import HostagentError, OperationError
+from hostagent.log import get_logger
+
+log = get_logger(__name__)
 
 POLICY_FILE = "iam/hostagent-policy.json"
 
@@ -22,6 +26,14 @@ THROTTLING_CODES = frozenset({
     "BandwidthLimitExceeded", "LimitExceededException", "RequestThrottled", "SlowDown",
     "PriorRequestNotComplete", "EC2ThrottledException",
 })
+# EC2 is eventually consistent: right after CreateSnapshot, CopySnapshot or CreateVolume, calls on
+# the new id may answer NotFound for a while. AWS says to retry with exponential backoff "starting
+# with a couple of seconds ... up to a few minutes"; lags of seconds are what is seen in practice.
+# The window only costs time when the id really is gone (someone deleted it in between), and every
+# caller is already in a long wait (snapshot --wait, restore's wait-available), so it is generous.
+NOT_FOUND_CODES = frozenset({"InvalidSnapshot.NotFound", "InvalidVolume.NotFound"})
+VISIBILITY_WINDOW = 120.0  # seconds after the create call
+VISIBILITY_FIRST_DELAY, VISIBILITY_MAX_DELAY = 1.0, 15.0
 NO_CREDENTIALS_HINT = ("hostagent uses the default credential chain: attach an instance "
                        f"profile whose role carries {POLICY_FILE} and make sure IMDSv2 answers "
                        "(hop limit 2 in containers); never put access keys in the config")
@@ -94,6 +106,41 @@ def map_aws_error(exc: BaseException, action: str, *, where: str | None = None) 
     if isinstance(exc, bx.BotoCoreError):
         return AWSError(f"{action} failed: {_one_line(str(exc))}", action=action, where=where)
     return None
+
+
+T = TypeVar("T")
+
+
+def when_visible(call: Callable[[], T], *, what: str, window: float | None = None,
+                 sleep: Callable[[float], None] = time.sleep,
+                 clock: Callable[[], float] = time.monotonic) -> T:
+    """call() for an id hostagent has just created: NotFound means "not visible yet", not "gone".
+
+    Retries with capped exponential backoff for at most `window` seconds (VISIBILITY_WINDOW);
+    after that the NotFound is an AWSError saying so (exit 1, not a usage error: the id came from
+    AWS, not from the operator). Any other error leaves at once.
+    """
+    window = VISIBILITY_WINDOW if window is None else window
+    deadline = clock() + window
+    delay = VISIBILITY_FIRST_DELAY
+    while True:
+        try:
+            return call()
+        except AWSError as exc:
+            if exc.code not in NOT_FOUND_CODES:
+                raise
+            remaining = deadline - clock()
+            if remaining <= 0:
+                raise AWSError(
+                    f"{what} still not found {window:.0f}s after it was created ({exc.code})",
+                    action=exc.action, code=exc.code, where=exc.where,
+                    hint="EC2 is eventually consistent, but not for this long: check it with "
+                         "`aws ec2 describe-snapshots`/`describe-volumes`; someone may have "
+                         "deleted it") from exc
+            log.info("%s not visible yet (%s); retrying in %.1fs", what,
+                                      exc.code, min(delay, remaining))
+            sleep(min(delay, remaining))
+            delay = min(delay * 2, VISIBILITY_MAX_DELAY)
 
 
 def error_code(exc: BaseException) -> str:

@@ -292,3 +292,77 @@ def tag_time(ec2, volume_id: str, key: str, when: datetime) -> None:
 def is_formatted(volume: VolumeInfo) -> bool:
     """Has hostagent put a filesystem on this volume before (the FORMATTED_TAG is set)?"""
     return bool(volume.tags.get(FORMATTED_TAG))
+
+
+# Raw DescribeVolumes listings, for callers that need every match (not exactly one) or fields
+# VolumeInfo does not carry (restore: type, IOPS, throughput, encryption and KMS key).
+
+def describe_volumes(ec2, **kwargs) -> list[dict]:
+    """Every DescribeVolumes entry for these arguments (all pages), deleted ones left out; an
+    unknown volume id lists nothing."""
+    from hostagent.aws.errors import AWSError, aws_call
+
+    found: list[dict] = []
+    try:
+        with aws_call("ec2:DescribeVolumes", where=getattr(ec2.meta, "region_name", None)):
+            for page in ec2.get_paginator("describe_volumes").paginate(**kwargs):
+                found.extend(page.get("Volumes", ()))
+    except AWSError as exc:
+        if exc.code != "InvalidVolume.NotFound":
+            raise
+    return [v for v in found if v.get("State") != "deleted"]
+
+
+def raw_tags(raw: Mapping[str, Any]) -> dict[str, str]:
+    return {t["Key"]: t.get("Value", "") for t in raw.get("Tags") or ()}
+
+
+def volumes_matching(ec2, *, volume_id: str = "",
+                     tags: Mapping[str, str] = MappingProxyType({})) -> list[dict]:
+    """All volumes with this id and/or exactly these tags, region-wide, as raw entries.
+
+    Tag filter values are wildcards to EC2 (* and ?): only exact matches are kept."""
+    tags = dict(tags or {})
+    kwargs: dict[str, Any] = {}
+    if volume_id:
+        kwargs["VolumeIds"] = [volume_id]
+    if tags:
+        kwargs["Filters"] = [{"Name": f"tag:{k}", "Values": [v]} for k, v in sorted(tags.items())]
+    found = describe_volumes(ec2, **kwargs)
+    return [v for v in found if all(raw_tags(v).get(k) == val for k, val in tags.items())]
+
+
+def describe_new_volume(ec2, volume_id: str, *, sleep: Callable[[float], None] = time.sleep,
+                        clock: Callable[[], float] = time.monotonic) -> dict:
+    """A volume hostagent has just created: NotFound means "not visible yet" (when_visible)."""
+    from hostagent.aws.errors import AWSError, when_visible
+
+    def call() -> dict:
+        found = describe_volumes(ec2, VolumeIds=[volume_id])
+        if not found:
+            raise AWSError(f"volume {volume_id} not listed", action="ec2:DescribeVolumes",
+                           code="InvalidVolume.NotFound", where=volume_id)
+        return found[0]
+
+    return when_visible(call, what=f"volume {volume_id}", sleep=sleep, clock=clock)
+
+
+def create_volume(ec2, create_args: Mapping[str, Any], tags: Mapping[str, str]) -> str:
+    """CreateVolume, tagged in the call itself. botocore fills in its ClientToken (EC2's
+    idempotency token) once per call and resends the same one on each retry, so a retried
+    timeout never makes two volumes."""
+    from hostagent.aws.errors import aws_call
+
+    with aws_call("ec2:CreateVolume", where=str(create_args.get("SnapshotId") or "")):
+        answer = ec2.create_volume(**create_args, TagSpecifications=[
+            {"ResourceType": "volume", "Tags": [{"Key": k, "Value": v} for k, v in tags.items()]}])
+    return answer["VolumeId"]
+
+
+def delete_tags(ec2, resource_id: str, tags: Mapping[str, str]) -> None:
+    """DeleteTags, each only while it still has this value (EC2 matches Key and Value)."""
+    from hostagent.aws.errors import aws_call
+
+    with aws_call("ec2:DeleteTags", where=resource_id):
+        ec2.delete_tags(Resources=[resource_id],
+                        Tags=[{"Key": k, "Value": v} for k, v in tags.items()])

@@ -114,6 +114,12 @@ def plan_restore(snapshot: Mapping, *, availability_zone: str, old_volumes: list
                 create_args["Encrypted"] = True
                 if previous.get("KmsKeyId"):
                     create_args["KmsKeyId"] = previous["KmsKeyId"]
+        if snapshot.get("Encrypted"):
+            # Said explicitly rather than left to EC2's defaults: the restored volume keeps the
+            # snapshot's customer-managed key, never the account's default EBS key.
+            create_args["Encrypted"] = True
+            if snapshot.get("KmsKeyId"):
+                create_args["KmsKeyId"] = snapshot["KmsKeyId"]
         if size:
             create_args["Size"] = size
 
@@ -136,44 +142,32 @@ def plan_restore(snapshot: Mapping, *, availability_zone: str, old_volumes: list
                        create_args, new_tags, retags)
 
 
-def _describe_volumes(ec2, **kwargs) -> list[dict]:
-    from hostagent.aws.errors import AWSError, aws_call
-
-    found = []
-    try:
-        with aws_call("ec2:DescribeVolumes"):
-            for page in ec2.get_paginator("describe_volumes").paginate(**kwargs):
-                found.extend(page.get("Volumes", ()))
-    except AWSError as exc:
-        if exc.code != "InvalidVolume.NotFound":
-            raise
-    return [v for v in found if v.get("State") != "deleted"]
-
-
 def find_current_volumes(ec2, config) -> list[dict]:
-    """Volumes the config finds today (by id, or by exact tags: filter values are wildcards)."""
+    """Volumes the config finds today, region-wide and all of them (by id, or by exact tags):
+    restore re-tags every one, wherever it is, so that the search finds only the new volume."""
+    from hostagent.aws.volume import volumes_matching
+
     if config.volume.id:
-        return _describe_volumes(ec2, VolumeIds=[config.volume.id])
-    tags = dict(config.volume.tags)
-    found = _describe_volumes(ec2, Filters=[{"Name": f"tag:{k}", "Values": [v]}
-                                            for k, v in sorted(tags.items())])
-    return [v for v in found if all(_tags(v).get(k) == val for k, val in tags.items())]
+        return volumes_matching(ec2, volume_id=config.volume.id)
+    return volumes_matching(ec2, tags=config.volume.tags)
 
 
 def find_restored_volumes(ec2, snapshot_id: str) -> list[dict]:
-    found = _describe_volumes(ec2, Filters=[{"Name": f"tag:{RESTORED_FROM_KEY}",
-                                             "Values": [snapshot_id]}])
-    return [v for v in found if _tags(v).get(RESTORED_FROM_KEY) == snapshot_id]
+    from hostagent.aws.volume import volumes_matching
+
+    return volumes_matching(ec2, tags={RESTORED_FROM_KEY: snapshot_id})
 
 
 def wait_available(ec2, volume_id: str, *, timeout: float = AVAILABLE_TIMEOUT,
                    sleep=time.sleep) -> str:
-    from hostagent.aws.volume import describe_volume
+    """Poll until the new volume is available; NotFound right after CreateVolume is "not
+    visible yet" (aws.errors.VISIBILITY_WINDOW), not an error."""
+    from hostagent.aws.volume import describe_new_volume
 
     deadline = time.monotonic() + timeout
     interval = POLL_FIRST
     while True:
-        state = describe_volume(ec2, volume_id).state
+        state = describe_new_volume(ec2, volume_id, sleep=sleep).get("State", "")
         if state in ("available", "in-use"):
             return state
         if state == "error":
@@ -205,8 +199,8 @@ def next_steps(config, new_id: str, old_ids: list[str]) -> list[str]:
 
 def run(ctx, args, *, aws=None, now=None) -> Report:
     from hostagent.aws import snapshots as snaps
-    from hostagent.aws.errors import aws_call
-    from hostagent.flows.snapshot import make_aws, require_aws_volume
+    from hostagent.aws import volume as vol
+    from hostagent.aws.clients import make_aws, require_aws_volume
     from hostagent.lock import host_lock
 
     config = ctx.config
@@ -238,12 +232,8 @@ def run(ctx, args, *, aws=None, now=None) -> Report:
         state["volume_id"] = plan.reuse_volume_id
 
         def create() -> str:
-            with aws_call("ec2:CreateVolume", where=snapshot_id):
-                answer = ec2.create_volume(
-                    **plan.create_args,
-                    TagSpecifications=snaps.tag_specifications("volume", plan.new_tags))
-            state["volume_id"] = answer["VolumeId"]
-            return answer["VolumeId"]
+            state["volume_id"] = vol.create_volume(ec2, plan.create_args, plan.new_tags)
+            return state["volume_id"]
 
         def wait() -> str:
             return f"{state['volume_id']} {wait_available(ec2, state['volume_id'])}"
@@ -254,9 +244,7 @@ def run(ctx, args, *, aws=None, now=None) -> Report:
                 # New tags first: the old volume is never without a trace of what it was.
                 snaps.set_tags(ec2, retag.volume_id, tags)
                 if retag.delete_tags:
-                    with aws_call("ec2:DeleteTags", where=retag.volume_id):
-                        ec2.delete_tags(Resources=[retag.volume_id], Tags=[
-                            {"Key": k, "Value": v} for k, v in retag.delete_tags.items()])
+                    vol.delete_tags(ec2, retag.volume_id, retag.delete_tags)
                 return f"Name={tags['Name']}"
             return apply
 

@@ -23,31 +23,6 @@ DIR_MODE = 0o700
 WRITTEN, UNCHANGED, MODE_FIXED = "written", "unchanged", "mode fixed"
 
 
-def download(s3, bucket: str, key: str) -> bytes:
-    from hostagent.aws.errors import AWSError, aws_call
-
-    where = f"s3://{bucket}/{key}"
-    try:
-        with aws_call("s3:GetObject", where=where):
-            answer = s3.get_object(Bucket=bucket, Key=key)
-            size = int(answer.get("ContentLength") or 0)
-            if size > MAX_BYTES:
-                raise OperationError(f"{where} is {size} bytes; a secrets file must be at most "
-                                     f"{MAX_BYTES} bytes")
-            body = answer["Body"].read(MAX_BYTES + 1)
-    except AWSError as exc:
-        if exc.code in ("NoSuchKey", "NoSuchBucket", "404", "HTTP 404"):
-            what = "bucket" if exc.code == "NoSuchBucket" else "object"
-            raise OperationError(f"secrets {what} not found: bucket {bucket!r}, key {key!r}",
-                                 where=where,
-                                 hint="check [secrets] source, and upload the file with "
-                                      f"`aws s3 cp FILE {where}`") from None
-        raise
-    if len(body) > MAX_BYTES:
-        raise OperationError(f"{where} is larger than {MAX_BYTES} bytes; not a secrets file")
-    return body
-
-
 def ensure_private_dir(path: str) -> list[str]:
     """Create missing parents of dest with mode 0700 (exactly, whatever the umask)."""
     made = []
@@ -112,7 +87,8 @@ def write_secret(dest: str, data: bytes) -> str:
 
 def run(ctx, args, *, aws=None) -> Report:
     from hostagent.config import parse_s3_url
-    from hostagent.flows.snapshot import make_aws
+    from hostagent.aws.clients import make_aws
+    from hostagent.aws.s3 import get_object_bytes
     from hostagent.lock import host_lock
 
     config = ctx.config
@@ -123,7 +99,7 @@ def run(ctx, args, *, aws=None) -> Report:
     bucket, key = parse_s3_url(source)  # its shape and dest were checked at config load
     aws = make_aws(aws)
     with host_lock(config.host.lock_file):
-        data = download(aws.s3, bucket, key)
+        data = get_object_bytes(aws.s3, bucket, key, max_bytes=MAX_BYTES)
         status = write_secret(dest, data)
         size = len(data)
         del data

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Callable
 
+from hostagent.aws.clients import make_aws, require_aws_volume
 from hostagent.errors import ConfigError, HostagentError, OperationError, RefusedError
 from hostagent.log import get_logger
 from hostagent.plan import Step, apply_steps, render_steps
@@ -19,20 +20,6 @@ log = get_logger(__name__)
 
 WAIT_TIMEOUT = 4 * 3600.0  # a first full snapshot of a large volume can take hours
 MAX_COPIES_PER_RUN = 5  # AWS runs at most 20 concurrent copies per destination region
-
-
-def make_aws(aws=None):
-    if aws is not None:
-        return aws
-    from hostagent.aws.clients import AWS
-
-    return AWS()
-
-
-def require_aws_volume(config) -> None:
-    if not config.volume.uses_aws:
-        raise ConfigError("snapshots need an EBS volume: set volume.id or volume.tags",
-                          where=config.source)
 
 
 def find_configured_volume(config, ec2):
@@ -115,8 +102,29 @@ def copy_missing(aws, config, volume_id: str, *, now: datetime) -> list[str]:
     copies = []
     for record in [r for r in missing if r.id in wanted][:MAX_COPIES_PER_RUN]:
         copies.append(copy_snapshot(dest_ec2, source_region=src_region, record=record,
-                                    description=f"hostagent copy of {record.id} from {src_region}"))
+                                    description=f"hostagent copy of {record.id} from {src_region}",
+                                    kms_key_id=config.snapshot.copy_kms_key))
     return copies
+
+
+def check_copy_encryption(config, volume: dict) -> None:
+    """Refuse (exit 2) copies that EC2 would re-encrypt under the destination's default key.
+
+    A copy to another region can never keep its source's key (KMS keys are regional); without
+    KmsKeyId EC2 silently uses the destination's default EBS key. Which key that should be is
+    the operator's choice, so it must be said: snapshot.copy_kms_key ("alias/aws/ebs" accepts
+    the default). Pure: `volume` is the volume's DescribeVolumes entry.
+    """
+    s = config.snapshot
+    if not s.copy_to_region or s.copy_kms_key or not volume.get("Encrypted"):
+        return
+    key = volume.get("KmsKeyId") or "the default EBS key"
+    raise ConfigError(
+        f"volume {volume.get('VolumeId')} is encrypted ({key}); its copies to "
+        f"{s.copy_to_region} would be re-encrypted under that region's default EBS key",
+        where=config.source,
+        hint=f'set [snapshot] copy_kms_key to a KMS key in {s.copy_to_region} (its ARN, '
+             'alias/NAME or key id), or copy_kms_key = "alias/aws/ebs" to accept the default')
 
 
 def _mounted_volume_id(config) -> str | None:
@@ -224,9 +232,15 @@ def run_snapshot(ctx, args, *, aws=None, now: Callable[[], datetime] | None = No
                 state["snapshot_id"] = snaps.create_snapshot(aws.ec2, volume.volume_id, tags,
                                                              description)
                 return state["snapshot_id"] + " (crash-consistent)"
-            from hostagent.freeze import frozen
+            from hostagent.aws.ready import ready_for_call
+            from hostagent.freeze import frozen, sync_filesystem
 
-            with frozen(mp, timeout=config.snapshot.freeze_timeout) as outcome:
+            # Only the CreateSnapshot call runs frozen: the sync, the client's credentials and
+            # connection, and the armed watchdog are all ready before FIFREEZE.
+            synced_in = sync_filesystem(mp)
+            with ready_for_call(aws.ec2, "CreateSnapshot", volume_id=volume.volume_id,
+                                idle_for=synced_in), \
+                    frozen(mp, timeout=config.snapshot.freeze_timeout, sync=False) as outcome:
                 state["snapshot_id"] = snaps.create_snapshot(aws.ec2, volume.volume_id, tags,
                                                              description)
             if outcome.watchdog_fired:
@@ -236,7 +250,7 @@ def run_snapshot(ctx, args, *, aws=None, now: Callable[[], datetime] | None = No
                             "tagged %s=crash", state["snapshot_id"], mp, snaps.CONSISTENCY_KEY)
                 return f"{state['snapshot_id']} (watchdog thawed first after " \
                        f"{config.snapshot.freeze_timeout}s: tagged crash)"
-            return f"{state['snapshot_id']} (frozen {outcome.frozen_seconds:.2f}s)"
+            return f"{state['snapshot_id']} (frozen {outcome.frozen_seconds:.3f}s)"
 
         def wait() -> str:
             record = snaps.wait_until_completed(
@@ -258,7 +272,7 @@ def run_snapshot(ctx, args, *, aws=None, now: Callable[[], datetime] | None = No
             return "; ".join(o.summary(False) for o in outcomes)
 
         if freeze_on:
-            action = f"sync; fsfreeze -f {mp}; CreateSnapshot {volume.volume_id}; fsfreeze -u {mp}"
+            action = f"sync; FIFREEZE {mp}; CreateSnapshot {volume.volume_id}; FITHAW {mp}"
             reason = (f"consistent: writes paused only for the API call; a watchdog thaws after "
                       f"{config.snapshot.freeze_timeout}s whatever happens")
         else:
@@ -272,6 +286,11 @@ def run_snapshot(ctx, args, *, aws=None, now: Callable[[], datetime] | None = No
         if dest and dest == aws.ec2.meta.region_name:
             log.warning("snapshot.copy_to_region is this region (%s): nothing to copy", dest)
         elif dest:
+            if not config.snapshot.copy_kms_key:
+                from hostagent.aws.volume import describe_volumes
+
+                for raw in describe_volumes(aws.ec2, VolumeIds=[volume.volume_id]):
+                    check_copy_encryption(config, raw)
             steps.append(Step("copy", f"CopySnapshot to {config.snapshot.copy_to_region}",
                               "snapshot.copy_to_region: completed snapshots it lacks", run=copy))
         if not getattr(args, "no_prune", False):

@@ -1,5 +1,6 @@
 """The freeze on a real loop-mounted ext4: frozen exactly during CreateSnapshot, always thawed —
-after a normal call, an API hang (watchdog timeout), SIGKILL and SIGTERM of hostagent.
+after a normal call, an API hang (watchdog timeout), SIGKILL and SIGTERM of hostagent — and
+nothing but the call inside the window (no process started, no credentials fetched).
 
 "Frozen" is observed the way CouchDB would feel it: a write from another thread blocks.
 AWS is the moto server; for the CLI kill tests a small proxy in front of it holds CreateSnapshot
@@ -8,6 +9,8 @@ AWS is the moto server; for the CLI kill tests a small proxy in front of it hold
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
 import signal
 import subprocess
@@ -29,6 +32,22 @@ from tests.support.hosttools import need_root, need_tool, sh
 pytestmark = pytest.mark.root
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+FIFREEZE, FITHAW = 0xC0045877, 0xC0045878  # what `fsfreeze -f/-u` do; the tests need no fsfreeze
+
+
+def fs_ioctl(mount_point: str, request: int) -> None:
+    fd = os.open(mount_point, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.ioctl(fd, request, 0)
+    finally:
+        os.close(fd)
+
+
+def try_thaw(mount_point: str) -> None:
+    try:
+        fs_ioctl(mount_point, FITHAW)
+    except OSError as exc:
+        assert exc.errno == errno.EINVAL  # not frozen
 
 
 def start_write(mount_point: str) -> threading.Event:
@@ -74,7 +93,6 @@ def watchdogs_for(mount_point: str) -> list[int]:
 def ext4(loop_device, host_paths):
     need_root()
     need_tool("mkfs.ext4", "e2fsprogs")
-    need_tool("fsfreeze", "util-linux")
     dev = loop_device("64M")
     mp = host_paths["mount_point"]
     os.makedirs(mp, exist_ok=True)
@@ -82,7 +100,7 @@ def ext4(loop_device, host_paths):
     sh("mount", dev, mp)
     yield mp
     # Whatever happened, never leave a frozen filesystem behind (umount would hang).
-    sh("fsfreeze", "-u", mp, check=False)
+    try_thaw(mp)
 
 
 @pytest.fixture
@@ -101,8 +119,11 @@ def test_filesystem_is_frozen_during_create_snapshot_and_thawed_after(cloud, ext
 
     def during_create(request, **kw):
         seen["write_blocked"] = is_frozen(ext4)
-        second = subprocess.run(["fsfreeze", "-f", ext4], capture_output=True, text=True)
-        seen["refreeze"] = (second.returncode, second.stderr)
+        try:
+            fs_ioctl(ext4, FIFREEZE)
+            seen["refreeze"] = 0
+        except OSError as exc:
+            seen["refreeze"] = exc.errno
         seen["watchdogs"] = watchdogs_for(ext4)
 
     aws.ec2.meta.events.register("before-send.ec2.CreateSnapshot", during_create)
@@ -110,7 +131,7 @@ def test_filesystem_is_frozen_during_create_snapshot_and_thawed_after(cloud, ext
     report = run_snapshot(context(frozen_config(cloud, ext4)), args(no_prune=True), aws=aws)
     assert report.ok
     assert seen["write_blocked"] is True
-    assert seen["refreeze"][0] != 0 and "busy" in seen["refreeze"][1]
+    assert seen["refreeze"] == errno.EBUSY, "frozen by hostagent, so a second freeze is refused"
     assert len(seen["watchdogs"]) == 1, "exactly one watchdog is armed while frozen"
     wait_thawed(ext4, within=2)
     assert watchdogs_for(ext4) == [], "the watchdog exits once told we thawed"
@@ -284,7 +305,7 @@ def test_freeze_true_when_the_volume_is_attached_elsewhere_is_exit_1(cloud, ext4
 def test_watchdog_on_its_own_thaws_after_its_timeout(ext4):
     """The watchdog process alone (no hostagent): armed, never told, thaws after 1 s."""
     env = {**os.environ, "PYTHONPATH": REPO}
-    sh("fsfreeze", "-f", ext4)
+    fs_ioctl(ext4, FIFREEZE)
     r, w = os.pipe()
     proc = subprocess.Popen([sys.executable, "-m", "hostagent.freeze", "watchdog", ext4, "1"],
                             stdin=r, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
@@ -305,7 +326,7 @@ def test_watchdog_on_its_own_thaws_after_its_timeout(ext4):
 def test_watchdog_thaws_at_once_on_sigterm(ext4):
     """systemd stopping the unit sends SIGTERM to the whole cgroup, the watchdog included."""
     env = {**os.environ, "PYTHONPATH": REPO}
-    sh("fsfreeze", "-f", ext4)
+    fs_ioctl(ext4, FIFREEZE)
     r, w = os.pipe()
     proc = subprocess.Popen([sys.executable, "-m", "hostagent.freeze", "watchdog", ext4, "60"],
                             stdin=r, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
@@ -323,18 +344,156 @@ def test_watchdog_thaws_at_once_on_sigterm(ext4):
         proc.wait()
 
 
-def test_no_fsfreeze_on_the_host_is_an_error_not_a_silent_unfrozen_snapshot(monkeypatch,
-                                                                             tmp_path):
-    """`which` is replaced by a stand-in: the runner also looks in sbin dirs, so PATH can't hide it."""
-    import hostagent.freeze as freeze_module
-    from hostagent.errors import OperationError
+def test_no_fsfreeze_program_is_needed(cloud, ext4, monkeypatch):
+    """The freeze is an ioctl: with no fsfreeze anywhere hostagent still takes a frozen snapshot."""
+    import hostagent.runner as runner
 
-    monkeypatch.setattr(freeze_module, "which", lambda name: None)
-    with pytest.raises(OperationError) as info:
-        with freeze_module.frozen(str(tmp_path), timeout=5):
-            pytest.fail("must not get here")
-    assert info.value.exit_code == 1
-    assert "fsfreeze not found" in str(info.value) and "freeze = false" in info.value.hint
+    real_which = runner.which
+    monkeypatch.setattr(runner, "which",
+                        lambda name: None if name == "fsfreeze" else real_which(name))
+    report = run_snapshot(context(frozen_config(cloud, ext4)), args(no_prune=True), aws=AWS())
+    assert report.ok
+    assert cloud.snapshot_tags(report.extra["snapshot_id"])["hostagent:consistency"] == "frozen"
+
+
+def test_fifreeze_unsupported_is_an_error_not_a_silent_unfrozen_snapshot(cloud, ext4, monkeypatch,
+                                                                        capsys):
+    """A kernel or filesystem that does not know FIFREEZE (ENOTTY): exit 1, no snapshot."""
+    import hostagent.freeze as freeze_module
+
+    real_ioctl = freeze_module._ioctl
+
+    def no_fifreeze(fd, request):
+        if request == freeze_module.FIFREEZE:
+            raise OSError(errno.ENOTTY, os.strerror(errno.ENOTTY))
+        real_ioctl(fd, request)
+
+    monkeypatch.setattr(freeze_module, "_ioctl", no_fifreeze)
+    assert main(["--config", frozen_config(cloud, ext4), "snapshot"]) == 1
+    err = capsys.readouterr().err
+    assert "does not support freezing" in err and "freeze = false" in err
+    assert cloud.snapshots() == []
+    assert not is_frozen(ext4)
+    assert watchdogs_for(ext4) == []
+
+
+class FreezeWindow:
+    """Records, in this process, when FIFREEZE and FITHAW ran and what started in between."""
+
+    def __init__(self, monkeypatch):
+        import hostagent.freeze as freeze_module
+
+        self.frozen_at = self.thawed_at = None
+        self.spawned_while_frozen: list[str] = []
+        real_ioctl = freeze_module._ioctl
+
+        def ioctl(fd, request):
+            if request == freeze_module.FITHAW and self.frozen_at and not self.thawed_at:
+                self.thawed_at = time.monotonic()
+            real_ioctl(fd, request)
+            if request == freeze_module.FIFREEZE:
+                self.frozen_at = time.monotonic()
+
+        monkeypatch.setattr(freeze_module, "_ioctl", ioctl)
+        for module, name in ((os, "posix_spawn"), (os, "posix_spawnp"), (os, "fork"),
+                             (subprocess, "Popen")):
+            real = getattr(module, name)
+            monkeypatch.setattr(module, name, self._watch(name, real))
+
+    def is_frozen(self) -> bool:
+        return self.frozen_at is not None and self.thawed_at is None
+
+    def _watch(self, name, real):
+        window = self
+
+        if isinstance(real, type):  # subprocess.Popen: keep it a class for isinstance users
+            class Watched(real):
+                def __init__(self, *a, **kw):
+                    if window.is_frozen():
+                        window.spawned_while_frozen.append(f"{name} {a[:1]}")
+                    super().__init__(*a, **kw)
+            return Watched
+
+        def watched(*a, **kw):
+            if window.is_frozen():
+                window.spawned_while_frozen.append(f"{name} {a[:1]}")
+            return real(*a, **kw)
+        return watched
+
+    def covers(self, t: float) -> bool:
+        return self.frozen_at <= t <= self.thawed_at
+
+
+CREDENTIAL_PROCESS = r"""
+import json, sys, time
+from datetime import datetime, timedelta, timezone
+with open(sys.argv[1], "a") as log:
+    log.write(f"{time.monotonic()}\n")
+expires = datetime.now(timezone.utc) + timedelta(minutes=12)
+print(json.dumps({"Version": 1, "AccessKeyId": "ASIAHOSTAGENTTEST001",
+                  "SecretAccessKey": "test-secret", "SessionToken": "test-token",
+                  "Expiration": expires.strftime("%Y-%m-%dT%H:%M:%SZ")}))
+"""
+
+
+def test_only_the_call_runs_frozen_no_process_and_no_credential_fetch(cloud, ext4, tmp_path,
+                                                                     monkeypatch):
+    """Credentials that botocore refreshes on every signing (they expire in 12 minutes, inside its
+    15-minute advisory window; a credential_process, so each refresh is also a process): the one
+    for CreateSnapshot happens before FIFREEZE, and nothing is started while frozen (no fsfreeze,
+    no sync, no watchdog, no credential fetch)."""
+    script, fetch_log, aws_config = (tmp_path / n for n in ("creds.py", "fetches", "aws-config"))
+    script.write_text(CREDENTIAL_PROCESS)
+    fetch_log.write_text("")
+    aws_config.write_text(f"[default]\ncredential_process = {sys.executable} {script} "
+                          f"{fetch_log}\n")
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(aws_config))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
+
+    def fetches() -> list[float]:
+        return [float(line) for line in fetch_log.read_text().split()]
+
+    window = FreezeWindow(monkeypatch)
+    seen = {}
+
+    def during_create(request, **kw):
+        seen.setdefault("frozen_during_call", window.is_frozen())  # returns None: sends
+
+    client = AWS()
+    client.ec2.meta.events.register("before-send.ec2.CreateSnapshot", during_create)
+    report = run_snapshot(context(frozen_config(cloud, ext4)), args(no_prune=True), aws=client)
+    assert report.ok, report.text
+    assert seen["frozen_during_call"] is True
+    assert window.frozen_at and window.thawed_at
+    assert len(fetches()) >= 2, "botocore refreshed these credentials at each signing"
+    assert not [t for t in fetches() if window.covers(t)], (
+        "credentials were fetched while the filesystem was frozen")
+    assert window.spawned_while_frozen == []
+    # After the window the client refreshes as botocore always does: it was not left pinned.
+    count = len(fetches())
+    client.ec2.describe_volumes(VolumeIds=[cloud.volume_id])
+    assert len(fetches()) == count + 1
+
+
+def test_no_extra_call_before_the_freeze_unless_the_connection_sat_idle(cloud, ext4, monkeypatch):
+    """The volume lookup's keep-alive connection carries CreateSnapshot; only after a sync long
+    enough for the endpoint to drop it (forced here) does one DescribeVolumes re-open it first."""
+    import hostagent.aws.ready as ready
+
+    def calls_before_create(idle_safe: float) -> list[str]:
+        monkeypatch.setattr(ready, "IDLE_SAFE_SECONDS", idle_safe)
+        aws, actions = AWS(), []
+        aws.ec2.meta.events.register(
+            "before-send.ec2.*", lambda event_name, **kw: actions.append(event_name.split(".")[-1]))
+        report = run_snapshot(context(frozen_config(cloud, ext4)), args(no_prune=True), aws=aws)
+        assert report.ok, report.text
+        return actions[:actions.index("CreateSnapshot")]
+
+    usual = calls_before_create(ready.IDLE_SAFE_SECONDS)
+    after_a_long_sync = calls_before_create(0.0)
+    assert after_a_long_sync == usual + ["DescribeVolumes"]
 
 
 def test_serial_less_disk_recorded_as_another_volume_is_refused(cloud, ext4, capsys):

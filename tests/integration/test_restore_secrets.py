@@ -313,3 +313,77 @@ def test_a_restored_volume_used_then_detached_is_not_handed_back(cloud, capsys):
     second = json.loads(capsys.readouterr().out)["volume_id"]
     assert second != first
     assert find_volume(cloud.ec2, tags={"Name": "couch-data"}).volume_id == second
+
+
+# ------------------------------------------------- EC2 as it is: KMS keys, eventual consistency
+
+def encrypted_snapshot(cloud, capsys) -> tuple[str, str]:
+    """A snapshot encrypted with a customer-managed key. moto's CreateSnapshot drops the volume's
+    key, so the key comes from an in-region CopySnapshot with KmsKeyId, as AWS would list it."""
+    key = boto3.client("kms", region_name="us-east-1").create_key()["KeyMetadata"]["Arn"]
+    plain = take_snapshot(cloud, capsys)
+    snap = cloud.ec2.copy_snapshot(SourceRegion="us-east-1", SourceSnapshotId=plain,
+                                   Encrypted=True, KmsKeyId=key)["SnapshotId"]
+    return snap, key
+
+
+def test_restore_keeps_the_snapshots_encryption_and_customer_managed_key(cloud, capsys):
+    snap, key = encrypted_snapshot(cloud, capsys)
+    assert restore(cloud.config(), snap) == 0
+    new = volumes(cloud)[json.loads(capsys.readouterr().out)["volume_id"]]
+    assert new["Encrypted"] is True and new.get("KmsKeyId") == key
+
+
+def test_restore_waits_for_a_new_volume_ec2_does_not_list_yet(cloud, capsys, monkeypatch):
+    from hostagent.aws import errors
+    from tests.support.aws_faults import NotVisibleYet
+
+    monkeypatch.setattr(errors, "VISIBILITY_FIRST_DELAY", 0.05)
+    snap = take_snapshot(cloud, capsys)
+    aws = AWS()
+    hide = NotVisibleYet(times=3).watch(aws.ec2, "CreateVolume", "VolumeId")
+    hide.answer_not_found(aws.ec2, "DescribeVolumes", "InvalidVolume.NotFound")
+    report = run_restore(context(cloud.config()), args(snapshot_id=snap), aws=aws)
+    assert report.ok
+    new_id = report.extra["volume_id"]
+    assert hide.injected == [f"DescribeVolumes {new_id}"] * 3
+    assert [s["status"] for s in report.items if s["name"] == "wait-available"] == ["done"]
+    assert len([v for v in volumes(cloud).values()
+                if v["tags"].get("hostagent:restored-from") == snap]) == 1
+
+
+def test_create_volume_carries_a_client_token_so_a_retry_never_makes_two(cloud, capsys):
+    """botocore fills CreateVolume's ClientToken once per call and resends it on every retry;
+    EC2 then answers a retried CreateVolume with the volume the first try made."""
+    snap = take_snapshot(cloud, capsys)
+    aws = AWS()
+    bodies = []
+    aws.ec2.meta.events.register(
+        "before-send.ec2.CreateVolume",
+        lambda request, **kw: bodies.append(request.body.decode() if isinstance(
+            request.body, bytes) else request.body))
+    assert run_restore(context(cloud.config()), args(snapshot_id=snap), aws=aws).ok
+    [body] = bodies
+    assert "ClientToken=" in body
+
+
+def test_a_denied_secrets_object_says_missing_or_not_allowed_with_both_fixes(cloud, bucket):
+    """Without s3:ListBucket (the shipped policy grants only GetObject) S3 answers a missing key
+    with 403 AccessDenied. moto answers 404 NoSuchKey, so the 403 is played by a hook."""
+    from hostagent.errors import OperationError
+    from hostagent.flows.secrets import run as run_fetch
+    from tests.support.aws_faults import inject, s3_error
+
+    dest = os.path.join(cloud.tmp, "secrets.env")
+    config = cloud.config(secrets={"source": "s3://gc-secrets/prod/couch.env", "dest": dest})
+    aws = AWS()
+    calls = inject(aws.s3, "s3.GetObject", [s3_error(403, "AccessDenied", "Access Denied")])
+    with pytest.raises(OperationError) as err:
+        run_fetch(context(config), args(), aws=aws)
+    assert calls == ["injected"]
+    assert err.value.exit_code == 1
+    assert "missing, or not allowed" in str(err.value)
+    assert "bucket 'gc-secrets', key 'prod/couch.env'" in str(err.value)
+    assert "aws s3 cp FILE s3://gc-secrets/prod/couch.env" in err.value.hint
+    assert "grant s3:GetObject on arn:aws:s3:::gc-secrets/prod/couch.env" in err.value.hint
+    assert not os.path.exists(dest)

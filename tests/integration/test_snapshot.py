@@ -19,6 +19,7 @@ from hostagent.aws.errors import AWSError
 from hostagent.aws.snapshots import snapshot_tags
 from hostagent.cli import main
 from hostagent.flows.snapshot import run_prune, run_snapshot
+from tests.support.aws_faults import NotVisibleYet, lose_answers
 from tests.support.cloud import args, context, error_response, make_cloud
 from tests.support.moto_paging import paginated_snapshots
 
@@ -283,3 +284,115 @@ def test_device_only_config_is_a_usage_error(tmp_path, capsys):
     path.write_text('[volume]\ndevice = "/dev/loop9"\n')
     assert main(["--config", str(path), "snapshot"]) == 2
     assert "snapshots need an EBS volume" in capsys.readouterr().err
+
+
+# ------------------------------------------------- EC2 as it is: eventual consistency, lost answers
+
+@pytest.fixture
+def quick_visibility(monkeypatch):
+    """The NotFound window's backoff shortened (the window itself is unchanged)."""
+    from hostagent.aws import errors
+
+    monkeypatch.setattr(errors, "VISIBILITY_FIRST_DELAY", 0.05)
+    monkeypatch.setattr(errors, "VISIBILITY_MAX_DELAY", 0.2)
+
+
+def test_wait_treats_not_found_right_after_create_as_not_visible_yet(cloud, quick_visibility):
+    """EC2 may answer InvalidSnapshot.NotFound for a snapshot it has just made; moto never does.
+    Before: `snapshot --wait` exited 2 ("not found in this region") and skipped pruning."""
+    seed_our_snapshots(cloud, 4)
+    aws = AWS()
+    hide = NotVisibleYet(times=3).watch(aws.ec2, "CreateSnapshot", "SnapshotId")
+    hide.answer_not_found(aws.ec2, "DescribeSnapshots", "InvalidSnapshot.NotFound")
+    report = run_snapshot(context(cloud.config(snapshot={"keep_last": 2})), args(wait=True),
+                          aws=aws, progress_stream=io.StringIO())
+    assert report.ok, report.text
+    assert {s["name"]: s["status"] for s in report.items} == {
+        "snapshot": "done", "wait": "done", "prune": "done"}
+    new = report.extra["snapshot_id"]
+    assert hide.injected == [f"DescribeSnapshots {new}"] * 3
+    assert report.extra["deleted"] and new in our_ids(cloud)
+
+
+def test_tagging_a_snapshot_just_made_waits_until_ec2_knows_it(cloud, quick_visibility):
+    from hostagent.aws.snapshots import set_tags
+
+    aws = AWS()
+    hide = NotVisibleYet(times=2).watch(aws.ec2, "CreateSnapshot", "SnapshotId")
+    hide.answer_not_found(aws.ec2, "CreateTags", "InvalidSnapshot.NotFound")
+    snap = aws.ec2.create_snapshot(VolumeId=cloud.volume_id)["SnapshotId"]
+    set_tags(aws.ec2, snap, {"hostagent:consistency": "crash"})
+    assert len(hide.injected) == 2
+    assert cloud.snapshot_tags(snap)["hostagent:consistency"] == "crash"
+
+
+def test_a_lost_create_snapshot_answer_makes_one_snapshot_not_two(cloud, capsys):
+    """EC2's CreateSnapshot has no ClientToken. The first try is carried out, its answer lost (a
+    read timeout): botocore alone retries and makes a second snapshot. hostagent looks for its
+    hostagent:request-id tag first and finds the one it made."""
+    aws = AWS()
+    sent = lose_answers(aws.ec2, "ec2.CreateSnapshot", times=1)
+    report = run_snapshot(context(cloud.config()), args(no_prune=True), aws=aws)
+    assert report.ok, report.text
+    assert sent == ["lost"], "CreateSnapshot must not be sent again when the first one worked"
+    assert our_ids(cloud) == {report.extra["snapshot_id"]}
+    assert "hostagent:request-id" in cloud.snapshot_tags(report.extra["snapshot_id"])
+
+
+def test_copy_waits_for_a_source_ec2_does_not_list_yet(cloud, quick_visibility):
+    aws = AWS()
+    dest = aws.client_for_region("ec2", "us-west-2")
+    hide = NotVisibleYet(times=2).watch(aws.ec2, "CreateSnapshot", "SnapshotId")
+    hide.answer_not_found(dest, "CopySnapshot", "InvalidSnapshot.NotFound")
+    report = run_snapshot(context(cloud.config(snapshot={"copy_to_region": "us-west-2"})), args(),
+                          aws=aws)
+    assert report.ok, report.text
+    assert hide.injected == [f"CopySnapshot {report.extra['snapshot_id']}"] * 2
+    assert [c["SnapshotId"] for c in cloud.snapshots("us-west-2")] == report.extra["copies"]
+
+
+def test_a_lost_copy_snapshot_answer_makes_one_copy_not_two(cloud):
+    """CopySnapshot has no ClientToken either: the copy's hostagent:source-snapshot tag finds it."""
+    aws = AWS()
+    lost = lose_answers(aws.client_for_region("ec2", "us-west-2"), "ec2.CopySnapshot", times=1)
+    report = run_snapshot(context(cloud.config(snapshot={"copy_to_region": "us-west-2"})), args(),
+                          aws=aws)
+    assert report.ok, report.text
+    assert lost == ["lost"]
+    copies = cloud.snapshots("us-west-2")
+    assert len(copies) == 1 and [c["SnapshotId"] for c in copies] == report.extra["copies"]
+
+
+KEY_WEST = "arn:aws:kms:us-west-2:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab"
+
+
+def test_copies_are_encrypted_with_copy_kms_key(cloud):
+    aws = AWS()
+    dest = aws.client_for_region("ec2", "us-west-2")
+    copies = []
+    dest.meta.events.register("before-send.ec2.CopySnapshot",
+                              lambda request, **kw: copies.append(body_of(request)))
+    config = cloud.config(snapshot={"copy_to_region": "us-west-2", "copy_kms_key": KEY_WEST})
+    report = run_snapshot(context(config), args(), aws=aws)
+    assert report.ok, report.text
+    [body] = copies
+    assert "Encrypted=true" in body and "KmsKeyId=arn%3Aaws%3Akms%3Aus-west-2" in body
+    [copy] = cloud.snapshots("us-west-2")
+    assert copy["Encrypted"] is True and copy["KmsKeyId"] == KEY_WEST
+
+
+def test_an_encrypted_volume_is_not_copied_under_a_default_key_nobody_chose(cloud, capsys):
+    """Without copy_kms_key EC2 would re-encrypt the copies under the destination's default EBS
+    key, silently: refused at plan time (exit 2), before any snapshot is taken."""
+    vol = cloud.ec2.create_volume(AvailabilityZone="us-east-1a", Size=1, Encrypted=True)["VolumeId"]
+    config = cloud.config(volume={"id": vol, "tags": {}},
+                          snapshot={"copy_to_region": "us-west-2"})
+    for extra in ((), ("--dry-run",)):
+        assert snapshot_cli(config, *extra) == 2
+        err = capsys.readouterr().err
+        assert f"volume {vol} is encrypted" in err and "copy_kms_key" in err
+    assert not [s for s in cloud.snapshots() if s["VolumeId"] == vol]
+    assert cloud.snapshots("us-west-2") == []
+    ok = cloud.config(volume={"id": vol, "tags": {}}, name="ok.toml",
+                      snapshot={"copy_to_region": "us-west-2", "copy_kms_key": "alias/aws/ebs"})
+    assert snapshot_cli(ok) == 0

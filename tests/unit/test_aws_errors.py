@@ -1,4 +1,4 @@
-"""AWS error mapping with real botocore exceptions and clients, and the IAM policy against the code.
+"""AWS error mapping with real botocore exceptions and clients (the IAM policy: test_iam_policy.py).
 
 Throttling and access-denied answers are injected with a botocore before-send hook
 (tests/support/aws_faults.py); botocore then parses and retries them exactly as it would an answer
@@ -6,11 +6,6 @@ from AWS. No request leaves the process: the endpoint is a closed port that noth
 """
 
 from __future__ import annotations
-
-import fnmatch
-import json
-import re
-from pathlib import Path
 
 import pytest
 
@@ -24,8 +19,6 @@ from hostagent.aws.volume import find_volume  # noqa: E402
 from hostagent.errors import EXIT_FAILED, ConfigError, OperationError  # noqa: E402
 from tests.support.aws_faults import ec2_body, ec2_error, inject  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[2]
-POLICY = ROOT / "iam" / "hostagent-policy.json"
 EMPTY_VOLUMES = ('<DescribeVolumesResponse xmlns="http://ec2.amazonaws.com/doc/2016-11-15/">'
                  '<requestId>r-1</requestId><volumeSet/></DescribeVolumesResponse>')
 
@@ -177,171 +170,144 @@ def test_access_denied_is_not_retried(offline_aws):
                               "(us-east-1)")
 
 
-# The IAM policy, checked against the calls the code makes.
+# Eventual consistency: NotFound on an id hostagent has just created.
 
-SERVICES = ("ec2", "ecs", "s3", "cloudwatch")
-# IAM actions for client methods that are not one API operation of the same name.
-SPECIAL_ACTIONS = {
-    ("s3", "head_object"): "s3:GetObject",
-    ("s3", "list_objects"): "s3:ListBucket",
-    ("s3", "list_objects_v2"): "s3:ListBucket",
-    ("s3", "download_file"): "s3:GetObject",
-    ("s3", "download_fileobj"): "s3:GetObject",
-    ("s3", "upload_file"): "s3:PutObject",
-    ("s3", "upload_fileobj"): "s3:PutObject",
-}
-IAM_ONLY_ACTIONS = {"s3:ListBucket"}  # real IAM actions with no API operation of that name
-# hostagent always tags what it creates, so these calls also need CreateTags on create.
-TAGGED_ON_CREATE = {"CreateSnapshot", "CopySnapshot", "CreateVolume"}
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+        self.sleeps = []
 
-CALL_RE = re.compile(r"\b([A-Za-z_]\w*)\s*\.\s*([a-z_][a-z0-9_]*)\s*\(")
-NAMED_OP_RE = re.compile(
-    r"\b([A-Za-z_]\w*)\s*\.\s*(get_paginator|get_waiter)\s*\(\s*[\"']([a-z0-9_]+)[\"']")
+    def __call__(self):
+        return self.now
+
+    def sleep(self, seconds):
+        self.sleeps.append(seconds)
+        self.now += seconds
 
 
-def _operations():
-    import botocore.session
-    from botocore import xform_name
+def not_found_then(n, value, code="InvalidSnapshot.NotFound"):
+    calls = []
 
-    session = botocore.session.get_session()
-    return {svc: {xform_name(op): op for op in session.get_service_model(svc).operation_names}
-            for svc in SERVICES}
-
-
-def _waiter_operation(service, waiter):
-    import botocore.session
-
-    session = botocore.session.get_session()
-    client = session.create_client(service, region_name="us-east-1", aws_access_key_id="x",
-                                   aws_secret_access_key="x")
-    return client.get_waiter(waiter).config.operation
+    def call():
+        calls.append(1)
+        if len(calls) <= n:
+            raise AWSError("nope", action="ec2:DescribeSnapshots", code=code, where="snap-1")
+        return value
+    return call, calls
 
 
-def _service_of(receiver):
-    return next((svc for svc in SERVICES if receiver == svc or receiver.endswith("_" + svc)), None)
+def test_not_found_right_after_create_is_retried_with_backoff():
+    from hostagent.aws.errors import when_visible
+
+    clock = FakeClock()
+    call, calls = not_found_then(4, "found")
+    assert when_visible(call, what="snapshot snap-1", sleep=clock.sleep, clock=clock) == "found"
+    assert len(calls) == 5 and clock.sleeps == [1.0, 2.0, 4.0, 8.0]
 
 
-def required_actions(source_root=ROOT / "hostagent"):
-    """{iam action: [where used]} for every AWS call in hostagent's code.
+def test_not_found_for_longer_than_the_window_is_exit_1_saying_so():
+    from hostagent.aws.errors import VISIBILITY_WINDOW, when_visible
 
-    A call counts when its receiver is named like the service (`ec2.`, `self.aws.ec2.`,
-    `dest_ec2.`) or its method name is an operation of exactly one of the services. Name client
-    variables that way (e.g. `dest_ec2 = aws.client_for_region("ec2", region)`).
-    """
-    ops = _operations()
-    found: dict[str, list[str]] = {}
-    ambiguous = []
-    for path in sorted(source_root.rglob("*.py")):
-        text = path.read_text()
-        where = str(path.relative_to(ROOT))
-        calls = [(m.group(1), m.group(2), None) for m in CALL_RE.finditer(text)]
-        calls += [(m.group(1), m.group(2), m.group(3)) for m in NAMED_OP_RE.finditer(text)]
-        for receiver, method, named in calls:
-            if method in ("get_paginator", "get_waiter") and named is None:
-                continue
-            name = named or method
-            service = _service_of(receiver)
-            candidates = [service] if service else [s for s in SERVICES if name in ops[s]]
-            if not service and len(candidates) > 1:
-                ambiguous.append(f"{where}: {receiver}.{name}")
-                continue
-            if not candidates:
-                continue
-            svc = candidates[0]
-            if method == "get_waiter":
-                api = _waiter_operation(svc, name)
-            elif (svc, name) in SPECIAL_ACTIONS:
-                found.setdefault(SPECIAL_ACTIONS[(svc, name)], []).append(where)
-                continue
-            elif name in ops[svc]:
-                api = ops[svc][name]
-            else:
-                continue  # not an API call (meta, exceptions, an adapter module named ecs, ...)
-            found.setdefault(f"{svc}:{api}", []).append(where)
-    assert not ambiguous, f"name the client variable after its service: {ambiguous}"
-    return found
+    clock = FakeClock()
+    call, calls = not_found_then(1000, "never")
+    with pytest.raises(AWSError) as err:
+        when_visible(call, what="snapshot snap-1", sleep=clock.sleep, clock=clock)
+    assert err.value.exit_code == EXIT_FAILED
+    assert str(err.value).startswith(f"snapshot snap-1 still not found {VISIBILITY_WINDOW:.0f}s "
+                                     "after it was created (InvalidSnapshot.NotFound)")
+    assert clock.now == VISIBILITY_WINDOW and max(clock.sleeps) == 15.0
 
 
-def load_policy():
-    return json.loads(POLICY.read_text())
+def test_other_errors_are_not_waited_for():
+    from hostagent.aws.errors import when_visible
+
+    clock = FakeClock()
+    call, calls = not_found_then(1, "x", code="UnauthorizedOperation")
+    with pytest.raises(AWSError):
+        when_visible(call, what="snapshot snap-1", sleep=clock.sleep, clock=clock)
+    assert calls == [1] and clock.sleeps == []
 
 
-def statements():
-    st = load_policy()["Statement"]
-    return st if isinstance(st, list) else [st]
+@pytest.mark.parametrize("exc_or_status, code, maybe", [
+    (bx.ReadTimeoutError(endpoint_url="https://ec2.x/"), None, True),
+    (bx.ConnectionClosedError(endpoint_url="https://ec2.x/"), None, True),
+    (bx.EndpointConnectionError(endpoint_url="https://ec2.x/"), None, False),
+    (bx.ConnectTimeoutError(endpoint_url="https://ec2.x/"), None, False),
+    (500, "InternalError", True),
+    (503, "Unavailable", True),
+    (503, "RequestLimitExceeded", False),
+    (400, "InvalidVolume.NotFound", False),
+    (200, None, False),
+])
+def test_which_failures_may_have_made_the_snapshot(exc_or_status, code, maybe):
+    from types import SimpleNamespace
+
+    from hostagent.aws.snapshots import _may_have_been_carried_out
+
+    if isinstance(exc_or_status, int):
+        parsed = {"Error": {"Code": code}} if code else {}
+        response = (SimpleNamespace(status_code=exc_or_status), parsed)
+        assert _may_have_been_carried_out(response, None) is maybe
+    else:
+        assert _may_have_been_carried_out(None, exc_or_status) is maybe
 
 
-def as_list(value):
-    return value if isinstance(value, list) else [value]
+CREATED = ('<CreateSnapshotResponse xmlns="http://ec2.amazonaws.com/doc/2016-11-15/">'
+           '<requestId>r</requestId><snapshotId>snap-0123456789abcdef0</snapshotId>'
+           '<volumeId>vol-0123456789abcdef0</volumeId><status>pending</status>'
+           '</CreateSnapshotResponse>')
+NO_SNAPSHOTS = ('<DescribeSnapshotsResponse xmlns="http://ec2.amazonaws.com/doc/2016-11-15/">'
+                '<requestId>r</requestId><snapshotSet/></DescribeSnapshotsResponse>')
 
 
-def allows(action):
-    return [s for s in statements() if s["Effect"] == "Allow"
-            and any(fnmatch.fnmatchcase(action.lower(), a.lower()) for a in as_list(s["Action"]))]
+def test_throttled_create_snapshot_is_still_retried_by_botocore(offline_aws):
+    from hostagent.aws.snapshots import create_snapshot
+
+    ec2 = offline_aws.ec2
+    creates = inject(ec2, "ec2.CreateSnapshot",
+                     [ec2_error(503, "RequestLimitExceeded", "Request limit exceeded."),
+                      ec2_body(200, CREATED)])
+    lookups = inject(ec2, "ec2.DescribeSnapshots", [])
+    assert create_snapshot(ec2, "vol-0123456789abcdef0", {}, "d") == "snap-0123456789abcdef0"
+    assert creates == ["injected", "injected"] and lookups == []
 
 
-def test_policy_is_valid_iam_json():
-    policy = load_policy()
-    assert policy["Version"] == "2012-10-17"
-    sids = [s["Sid"] for s in statements()]
-    assert len(sids) == len(set(sids))
-    for s in statements():
-        assert set(s) <= {"Sid", "Effect", "Action", "Resource", "Condition"}, s
-        assert s["Effect"] in ("Allow", "Deny")
-        for action in as_list(s["Action"]):
-            assert "*" not in action, f"no wildcard actions in a least-privilege policy: {action}"
-        for resource in as_list(s["Resource"]):
-            assert resource == "*" or resource.startswith(("arn:aws:", "${")), resource
+def test_a_5xx_on_create_snapshot_looks_before_trying_again(offline_aws, monkeypatch):
+    from hostagent.aws import snapshots
+
+    monkeypatch.setattr(snapshots, "LOOKUP_DELAYS", (0.0,))
+    ec2 = offline_aws.ec2
+    creates = inject(ec2, "ec2.CreateSnapshot",
+                     [ec2_error(500, "InternalError", "We encountered an internal error."),
+                      ec2_body(200, CREATED)])
+    lookups = inject(ec2, "ec2.DescribeSnapshots", [ec2_body(200, NO_SNAPSHOTS)] * 2)
+    assert snapshots.create_snapshot(ec2, "vol-0123456789abcdef0", {}, "d") == \
+        "snap-0123456789abcdef0"
+    # One try, two looks (nothing there), one more try: botocore did not retry blindly.
+    assert creates == ["injected", "injected"] and lookups == ["injected", "injected"]
 
 
-def test_every_policy_action_exists():
-    ops = _operations()
-    import botocore.session
+def test_create_snapshot_gives_up_after_its_attempts_with_the_aws_error(offline_aws, monkeypatch):
+    from hostagent.aws import snapshots
 
-    session = botocore.session.get_session()
-    for s in statements():
-        for action in as_list(s["Action"]):
-            service, api = action.split(":")
-            if action in IAM_ONLY_ACTIONS:
-                continue
-            names = ops[service].values() if service in ops else \
-                session.get_service_model(service).operation_names
-            assert api in names, f"{action} is not an operation of {service}"
-
-
-def test_scanner_sees_the_calls_in_volume_py():
-    found = required_actions()
-    assert "hostagent/aws/volume.py" in found["ec2:DescribeVolumes"]  # via get_paginator
-    assert "hostagent/aws/volume.py" in found["ec2:AttachVolume"]
-    assert "hostagent/aws/volume.py" in found["ec2:CreateTags"]
+    monkeypatch.setattr(snapshots, "LOOKUP_DELAYS", ())
+    ec2 = offline_aws.ec2
+    creates = inject(ec2, "ec2.CreateSnapshot", [ec2_error(500, "InternalError", "boom")] * 9)
+    inject(ec2, "ec2.DescribeSnapshots", [ec2_body(200, NO_SNAPSHOTS)] * 9)
+    with pytest.raises(AWSError) as err:
+        snapshots.create_snapshot(ec2, "vol-0123456789abcdef0", {}, "d")
+    assert creates == ["injected"] * snapshots.CREATE_ATTEMPTS
+    assert str(err.value) == ("ec2:CreateSnapshot failed: InternalError: boom "
+                              "(vol-0123456789abcdef0)")
 
 
-def test_every_aws_call_in_the_code_is_allowed_by_the_policy():
-    missing = {action: where for action, where in required_actions().items() if not allows(action)}
-    assert not missing, f"add these actions to {POLICY.relative_to(ROOT)}: {missing}"
+def test_ec2_clients_refuse_blind_retries_from_the_start(offline_aws):
+    """Registered when the client is built, never first inside the freeze window (registering
+    clears botocore's handler cache); a 5xx on CreateSnapshot is then not retried by botocore."""
+    from hostagent.aws.snapshots import _MaybeCarriedOut
 
-
-def test_resources_created_with_tags_may_be_tagged_on_create():
-    for action in required_actions():
-        service, api = action.split(":")
-        if api in TAGGED_ON_CREATE:
-            ok = [s for s in allows("ec2:CreateTags")
-                  if api in as_list(s.get("Condition", {}).get("StringEquals", {})
-                                    .get("ec2:CreateAction", []))]
-            assert ok, f"CreateTags with ec2:CreateAction={api} is missing for {action}"
-
-
-def test_policy_keeps_its_guards():
-    for s in allows("ec2:CreateTags"):
-        assert s.get("Condition"), "CreateTags must never be unconditioned"
-    for s in allows("ec2:DeleteSnapshot"):
-        assert s["Condition"] == {"Null": {"aws:ResourceTag/hostagent:managed": "false"}}
-    volume_attach = [s for s in allows("ec2:AttachVolume") if "volume/" in str(s["Resource"])]
-    assert volume_attach and all("aws:ResourceTag/Name" in str(s["Condition"])
-                                 for s in volume_attach)
-    instance_attach = [s for s in allows("ec2:AttachVolume") if s not in volume_attach]
-    assert [s["Resource"] for s in instance_attach] == ["${ec2:SourceInstanceARN}"]
-    for s in allows("cloudwatch:PutMetricData"):
-        assert s["Condition"]["StringEquals"]["cloudwatch:namespace"] == "hostagent"
-    for s in allows("s3:GetObject"):
-        assert all(r.startswith("arn:aws:s3:::") and "/" in r for r in as_list(s["Resource"]))
+    ec2 = offline_aws.ec2
+    calls = inject(ec2, "ec2.CreateSnapshot", [ec2_error(500, "InternalError", "boom")] * 3)
+    with pytest.raises(_MaybeCarriedOut):
+        ec2.create_snapshot(VolumeId="vol-0123456789abcdef0")
+    assert calls == ["injected"]
