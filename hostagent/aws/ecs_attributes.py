@@ -10,6 +10,11 @@ from hostagent.errors import ConfigError
 PERSISTENCE = "persistence"  # ready | missing | degraded — the placement constraint reads this
 VOLUME_ID = "volume-id"
 COUCHDB = "couchdb"  # up | down | maintenance_mode | nolb | seeding | unauthorized | error | …
+# Why persistence is not ready: "none" when it is, else a short cause (attached-elsewhere,
+# not-blank, not-mounted…). Always put, never deleted: "none" says it as plainly as an absence
+# would, and the IAM policy grants no ecs:DeleteAttributes.
+REASON = "reason"
+REASON_NONE = "none"
 PERSISTENCE_STATES = ("ready", "missing", "degraded")
 
 # ECS limits (API reference, Attribute): 1-128 characters each; names letters, digits and - _ / \ .;
@@ -24,7 +29,7 @@ def check_prefix(prefix: str, *, where: str | None = None) -> str:
     """The attribute prefix must be usable as is: a trimmed name would not match the placement
     constraint the operator wrote, so a bad prefix is a config error, never silently fixed.
     config.py calls this at load; everything after that takes the prefix as valid."""
-    longest = max(len(PERSISTENCE), len(VOLUME_ID), len(COUCHDB))
+    longest = max(len(PERSISTENCE), len(VOLUME_ID), len(COUCHDB), len(REASON))
     if not prefix or not NAME_OK.match(prefix) or len(prefix) + 1 + longest > MAX_CHARS:
         raise ConfigError(
             f"ecs.attribute_prefix {prefix!r} is not a valid ECS attribute name prefix",
@@ -52,7 +57,7 @@ def clean_value(value: str | None) -> str | None:
 
 
 def desired_attributes(prefix: str, *, persistence: str, volume_id: str | None = None,
-                       couchdb: str | None = None) -> dict[str, str]:
+                       couchdb: str | None = None, reason: str | None = None) -> dict[str, str]:
     """The attributes this host should carry now; unknown values are left out, not invented."""
     if persistence not in PERSISTENCE_STATES:
         raise ValueError(f"persistence must be one of {PERSISTENCE_STATES}, not {persistence!r}")
@@ -60,6 +65,7 @@ def desired_attributes(prefix: str, *, persistence: str, volume_id: str | None =
         attribute_name(prefix, PERSISTENCE): persistence,
         attribute_name(prefix, VOLUME_ID): clean_value(volume_id),
         attribute_name(prefix, COUCHDB): clean_value(couchdb),
+        attribute_name(prefix, REASON): clean_value(reason),
     }
     return {name: value for name, value in wanted.items() if value is not None}
 

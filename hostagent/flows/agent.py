@@ -1,8 +1,7 @@
-"""hostagent agent: periodic mount/CouchDB/snapshot checks, ECS attributes on change, systemd notify + watchdog."""
+"""hostagent agent: local checks every interval, the reconcilers act on them; systemd notify + watchdog."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import select
@@ -16,25 +15,19 @@ from typing import Any, Callable
 
 from hostagent.errors import EXIT_FAILED, EXIT_OK
 from hostagent.log import get_logger
+from hostagent.reconcilers import (CLAIMED, AgentView, Background, ClaimResult, EcsReport,
+                                   Metrics, SnapshotAge, VolumeClaim, call_aws_worker,
+                                   claim_timeout, run_bootstrap_child)
 from hostagent.report import Report, render_table
 
 log = get_logger("hostagent.agent")
 
 MOUNTINFO = "/proc/self/mountinfo"
-# While the ECS agent has not registered yet, look again this often (a GET on loopback), so the
-# attribute lands seconds after registration rather than a whole interval later.
-INTROSPECTION_RETRY = 5.0
 # A change of our own mount (umount, remount ro, another device) triggers a round at once; other
 # mount table changes (every container start adds overlay, shm and netns mounts) cost one parse of
 # mountinfo and nothing more. Rounds triggered that way are still at least this far apart.
 MOUNT_EVENT_MIN_GAP = 0.2
 COUCHDB_PROBE_TIMEOUT = 3.0
-AWS_CALL_TIMEOUT = 120.0
-AWS_RETRY_MAX = 300.0  # failed AWS calls back off from one interval up to this
-METRICS_FLUSH_EVERY = 300.0  # seconds; samples are buffered with their own timestamps
-METRICS_BUFFER_MAX = 500  # oldest samples dropped beyond this while CloudWatch is unreachable
-SNAPSHOT_REFRESH_EVERY = 1800.0  # the newest snapshot changes daily; age is computed locally
-SNAPSHOT_STALE_HOURS = 26.0  # a daily cron plus slack; older than this is worth a warning
 # The security posture (admin party, port exposure) changes when CouchDB (re)starts, not between
 # rounds: look on the first round, whenever CouchDB's state changes, and at least this often —
 # each look is 1-3 requests that CouchDB writes to its log.
@@ -110,18 +103,6 @@ def find_volume_id(config) -> str | None:
     return value if isinstance(value, str) and value.startswith("vol-") else None
 
 
-def hours_since(iso: str | None, now: datetime) -> float | None:
-    if not iso:
-        return None
-    try:
-        then = datetime.fromisoformat(iso)
-    except ValueError:
-        return None
-    if then.tzinfo is None:
-        then = then.replace(tzinfo=timezone.utc)
-    return max((now - then).total_seconds() / 3600.0, 0.0)
-
-
 def round_events(prev: RoundResult | None, cur: RoundResult) -> list[str]:
     """One log line per thing that changed since the last round (all of it on the first)."""
     events = []
@@ -153,8 +134,30 @@ def round_events(prev: RoundResult | None, cur: RoundResult) -> list[str]:
     return events
 
 
-def status_text(cur: RoundResult, ecs: str, snapshot_age: float | None) -> str:
-    parts = [f"persistence={cur.persistence}", f"couchdb={couchdb_attribute(cur.couchdb)}"]
+def slug(name: str) -> str:
+    return "-".join(name.split())
+
+
+def decide_reason(result: RoundResult, claim_reason: str | None = None) -> str:
+    """<prefix>.reason: "none" when ready; while nothing is mounted, why the claim has not
+    succeeded (bootstrap's own reason, e.g. attached-elsewhere) or "not-mounted" before any
+    attempt; otherwise the names of the failed checks ("device", "free-space", "layout-data")."""
+    from hostagent.aws.ecs_attributes import REASON_NONE
+
+    if result.persistence == "ready":
+        return REASON_NONE
+    failed = [c.name for c in result.checks if not c.ok]
+    if "mounted" in failed:
+        return claim_reason or "not-mounted"
+    return " ".join(slug(name) for name in failed) or "checks"
+
+
+def status_text(cur: RoundResult, ecs: str, snapshot_age: float | None, *,
+                reason: str | None = None, claim: str | None = None) -> str:
+    parts = [f"persistence={cur.persistence}"]
+    if reason and cur.persistence != "ready":
+        parts.append(f"reason={slug(reason)}")
+    parts.append(f"couchdb={couchdb_attribute(cur.couchdb)}")
     if cur.disk_used_percent is not None:
         parts.append(f"disk={cur.disk_used_percent:.0f}%")
     if snapshot_age is not None:
@@ -162,73 +165,22 @@ def status_text(cur: RoundResult, ecs: str, snapshot_age: float | None) -> str:
     warnings = [p.name for p in cur.posture if p.ok is False]
     if warnings:
         parts.append("warn=" + ",".join(warnings))
+    if claim:
+        parts.append(f"claim={claim}")
     parts.append(f"ecs={ecs}")
     return " ".join(parts)
 
 
-def call_aws_worker(request: dict, timeout: float = AWS_CALL_TIMEOUT) -> dict:
-    """Run hostagent.aws.worker in a child python; see that module for why it is a child."""
-    from hostagent.errors import HostagentError
-    from hostagent.runner import run
-
-    try:
-        done = run([sys.executable, "-m", "hostagent.aws.worker"], input=json.dumps(request),
-                   timeout=timeout)
-        lines = [line for line in done.stdout.splitlines() if line.strip()]
-        return json.loads(lines[-1]) if lines else {"error": "AWS worker printed nothing"}
-    except HostagentError as exc:
-        return {"error": str(exc)}
-    except ValueError as exc:
-        return {"error": f"AWS worker answered non-JSON: {exc}"}
-
-
-class AwsCalls:
-    """At most one AWS request in flight, in a background thread, so local checks and watchdog
-    pings never wait for AWS; the answer is picked up by the loop on its next wake."""
-
-    def __init__(self, call: Callable[[dict], dict], wake: Callable[[], None]):
-        self._call = call
-        self._wake = wake
-        self._lock = threading.Lock()
-        self._running = False
-        self._done: tuple[dict, dict] | None = None
-
-    @property
-    def busy(self) -> bool:
-        with self._lock:
-            return self._running or self._done is not None
-
-    def start(self, request: dict) -> bool:
-        with self._lock:
-            if self._running or self._done is not None:
-                return False
-            self._running = True
-
-        def work():
-            try:
-                answer = self._call(request)
-            except Exception as exc:  # a bug in the call path must not kill the agent
-                answer = {"error": f"{type(exc).__name__}: {exc}"}
-            with self._lock:
-                self._done = (request, answer)
-                self._running = False
-            self._wake()
-
-        threading.Thread(target=work, name="hostagent-aws", daemon=True).start()
-        return True
-
-    def take(self) -> tuple[dict, dict] | None:
-        with self._lock:
-            done, self._done = self._done, None
-        return done
-
-    def run_now(self, request: dict) -> dict:
-        return self._call(request)
+# -- the loop ---------------------------------------------------------------------------------
 
 
 class Agent:
+    """Local checks every interval (and at once when our mount changes); after each round, the
+    reconcilers act on what it found, each with its own state and Backoff."""
+
     def __init__(self, config, *, notifier=None, clock: Callable[[], float] = time.monotonic,
-                 aws_call: Callable[[dict], dict] = call_aws_worker, checks_fn=None):
+                 aws_call: Callable[[dict], dict] = call_aws_worker, checks_fn=None,
+                 bootstrap: Callable[[], ClaimResult] | None = None):
         from hostagent.sdnotify import Notifier, watchdog_interval
 
         self.config = config
@@ -241,35 +193,22 @@ class Agent:
         self._checks_fn = checks_fn
         self.stop_event = threading.Event()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self.aws = AwsCalls(aws_call, self.wake)
         self.session = None
         self.last: RoundResult | None = None
         self.last_round_at = -1e9
         self.posture_at = -1e9
         self.mount_seen = ("not read yet",)
         self.ready_sent = False
-        # ECS
-        self.ecs_enabled = bool(config.ecs.introspection_url)
-        self.instance = None
-        self.ecs_reason = "not checked yet"
-        self.next_introspection = 0.0
-        self.reported: dict[str, str] = {}
-        self.synced = False
-        self.ecs_retry_at = 0.0
-        self.ecs_failures = 0
-        self.ecs_error: str | None = None
-        self.last_put: dict[str, str] | None = None
-        # snapshots
-        self.snapshot_newest: dict | None = None
-        self.snapshot_next = 0.0
-        self.snapshot_failures = 0
-        self.snapshot_error: str | None = None
-        self.snapshot_stale_warned = False
-        # metrics
-        self.samples: list = []
-        self.metrics_next = (clock() + METRICS_FLUSH_EVERY) if config.metrics.enabled else None
-        self.metrics_failures = 0
-        self.metrics_error: str | None = None
+        self._last_status: str | None = None
+        # The reconcilers. No bootstrap runner (agent --once, unit tests): nothing is claimed.
+        self.volume = None if bootstrap is None else VolumeClaim(
+            bootstrap, interval=self.interval, clock=clock, wake=self.wake,
+            mount_point=config.filesystem.mount_point)
+        self.ecs = EcsReport(config, interval=self.interval, clock=clock)
+        self.snapshots = SnapshotAge(interval=self.interval, clock=clock)
+        self.metrics = Metrics(config, interval=self.interval, clock=clock)
+        self.aws_reconcilers = (self.ecs, self.snapshots, self.metrics)
+        self.aws = Background(aws_call, self.wake)
 
     # -- plumbing ---------------------------------------------------------------------------
     def wake(self) -> None:
@@ -301,7 +240,7 @@ class Agent:
     def run_checks(self) -> list:
         if self._checks_fn is not None:
             return self._checks_fn(self.config)
-        from hostagent.flows.verify import Check, run_checks
+        from hostagent.checks import Check, run_checks
 
         try:
             return run_checks(self.config)
@@ -338,23 +277,29 @@ class Agent:
             if cfg.couchdb.url:
                 posture.append(couchdb.exposure_check(cfg.couchdb.url))
             self.posture_at = self.clock()
+            self.ping_watchdog()
         else:
             posture = prev.posture
         return RoundResult(datetime.now(timezone.utc), checks, persistence, find_volume_id(cfg),
                            used, readiness, posture)
 
-    def desired_attributes(self, result: RoundResult) -> dict[str, str]:
+    def reason(self, result: RoundResult | None = None) -> str | None:
+        result = result or self.last
+        if result is None:
+            return None
+        return decide_reason(result, self.volume.reason if self.volume else None)
+
+    def desired_attributes(self, result: RoundResult | None = None) -> dict[str, str] | None:
         from hostagent.aws.ecs_attributes import desired_attributes
 
+        result = result or self.last
+        if result is None:
+            return None
         couch = couchdb_attribute(result.couchdb)
         return desired_attributes(self.prefix, persistence=result.persistence,
                                   volume_id=result.volume_id,
-                                  couchdb=None if couch == COUCHDB_OFF else couch)
-
-    def snapshot_age(self, now: datetime | None = None) -> float | None:
-        if not self.snapshot_newest:
-            return None
-        return hours_since(self.snapshot_newest.get("start_time"), now or datetime.now(timezone.utc))
+                                  couchdb=None if couch == COUCHDB_OFF else couch,
+                                  reason=self.reason(result))
 
     def do_round(self) -> RoundResult:
         self.mount_seen = mount_signature(self.config.filesystem.mount_point)
@@ -363,177 +308,34 @@ class Agent:
             log.info("%s", line)
         self.last = result
         self.last_round_at = self.clock()
-        if self.ecs_enabled:
-            self.observe_ecs_agent()
-        if self.config.metrics.enabled:
-            from hostagent.metrics import Sample
-
-            self.samples.append(Sample(result.wall, result.disk_used_percent, self.snapshot_age(result.wall),
-                                       result.couchdb.ready))
-            del self.samples[:-METRICS_BUFFER_MAX]
-        self.warn_stale_snapshot()
+        if self.volume is not None:
+            self.volume.observe(result)
+        if self.ecs.enabled:
+            self.ecs.look(self._session())
+        self.metrics.observe(result, self.snapshots.age(result.wall))
+        self.snapshots.warn_if_stale()
         return result
 
-    def warn_stale_snapshot(self) -> None:
-        age = self.snapshot_age()
-        stale = age is not None and age > SNAPSHOT_STALE_HOURS
-        if stale and not self.snapshot_stale_warned:
-            log.info("warning: newest snapshot %s is %.1f h old (more than %.0f h)",
-                     self.snapshot_newest.get("id"), age, SNAPSHOT_STALE_HOURS)
-        self.snapshot_stale_warned = stale
-
-    # -- ECS ----------------------------------------------------------------------------------
-    def observe_ecs_agent(self) -> None:
-        from hostagent.adapters.ecs_agent import read_introspection
-
-        self.next_introspection = self.clock() + INTROSPECTION_RETRY
-        state = read_introspection(self.config.ecs.introspection_url, session=self._session())
-        if state.instance != self.instance:
-            if state.instance is not None:
-                log.info("ECS: container instance %s in cluster %s", state.instance.arn,
-                         state.instance.cluster)
-            elif self.instance is not None:
-                log.info("ECS: lost the container instance: %s", state.reason)
-            # A new registration starts with ECS's own view: read it before putting anything.
-            self.reported, self.synced, self.ecs_retry_at, self.ecs_failures = {}, False, 0.0, 0
-            self.instance = state.instance
-        if state.instance is None and state.reason != self.ecs_reason:
-            log.info("ECS: waiting: %s", state.reason)
-        self.ecs_reason = state.reason
-
-    def ecs_request(self) -> dict | None:
-        from hostagent.aws.ecs_attributes import changed_attributes
-
-        if not self.ecs_enabled or self.instance is None or self.last is None:
-            return None
-        if self.clock() < self.ecs_retry_at:
-            return None
-        desired = self.desired_attributes(self.last)
-        if self.synced:
-            todo = changed_attributes(desired, self.reported)
-            if not todo:
-                return None
-            return {"cluster": self.instance.cluster, "arn": self.instance.arn,
-                    "prefix": self.prefix, "attributes": todo, "sync": False}
-        return {"cluster": self.instance.cluster, "arn": self.instance.arn, "prefix": self.prefix,
-                "attributes": desired, "sync": True}
-
-    def ecs_text(self) -> str:
-        if not self.ecs_enabled:
-            return "off"
-        if self.instance is None:
-            return "waiting"
-        if self.ecs_error:
-            return "error"
-        if self.last and self.synced and self.reported == {**self.reported,
-                                                             **self.desired_attributes(self.last)}:
-            return "reported"
-        return "pending"
-
-    def apply_ecs_answer(self, part: dict, answer: dict) -> None:
-        if self.instance is None or part["arn"] != self.instance.arn:
-            return  # re-registered meanwhile; the next request syncs the new instance
-        if answer.get("ok"):
-            if part.get("sync"):
-                self.reported = dict(answer.get("current") or {})
-                self.synced = True
-            put = answer.get("put") or {}
-            self.reported.update(put)
-            self.last_put = put
-            for name, value in sorted(put.items()):
-                log.info("ECS: %s=%s", name, value)
-            if part.get("sync") and not put:
-                log.info("ECS: attributes already up to date")
-            self.ecs_failures, self.ecs_error = 0, None
-        else:
-            self._ecs_failed(answer.get("error") or "unknown error")
-
-    def _ecs_failed(self, error: str) -> None:
-        self.ecs_failures += 1
-        if error != self.ecs_error:
-            log.info("ECS: reporting failed (will retry): %s", error)
-        self.ecs_error = error
-        self.ecs_retry_at = self.clock() + self.backoff(self.ecs_failures)
-
-    def backoff(self, failures: int) -> float:
-        return min(self.interval * (2 ** max(failures - 1, 0)), AWS_RETRY_MAX)
-
-    # -- snapshots and metrics ----------------------------------------------------------------
-    def snapshots_request(self) -> dict | None:
-        if self.last is None or not self.last.volume_id or self.clock() < self.snapshot_next:
-            return None
-        import importlib.util
-
-        if importlib.util.find_spec("hostagent.aws.snapshots") is None:
-            return None
-        return {"volume_id": self.last.volume_id}
-
-    def apply_snapshots_answer(self, answer: dict) -> None:
-        if answer.get("ok"):
-            newest = answer.get("newest")
-            old = (self.snapshot_newest or {}).get("id")
-            self.snapshot_newest = newest
-            if newest and newest.get("id") != old:
-                log.info("newest snapshot %s, %.1f h old", newest["id"], self.snapshot_age() or 0.0)
-            elif newest is None and old is None and self.snapshot_failures == 0 and \
-                    self.snapshot_error is None:
-                log.info("no completed hostagent snapshot of %s yet", self.last.volume_id
-                         if self.last else "the volume")
-            self.snapshot_failures, self.snapshot_error = 0, None
-            self.snapshot_next = self.clock() + SNAPSHOT_REFRESH_EVERY
-        else:
-            self.snapshot_failures += 1
-            error = answer.get("error") or "unknown error"
-            if error != self.snapshot_error:
-                log.info("snapshot listing failed (will retry): %s", error)
-            self.snapshot_error = error
-            self.snapshot_next = self.clock() + self.backoff(self.snapshot_failures)
-
-    def metrics_request(self) -> dict | None:
-        if self.metrics_next is None or not self.samples or self.clock() < self.metrics_next:
-            return None
-        return {"namespace": self.config.metrics.namespace,
-                "volume_id": self.last.volume_id if self.last else None,
-                "samples": [s.to_json() for s in self.samples]}
-
-    def apply_metrics_answer(self, part: dict, answer: dict) -> None:
-        sent_upto = len(part.get("samples") or [])
-        if answer.get("ok"):
-            # Samples taken while the call ran stay for the next flush.
-            sent_times = {s["at"] for s in part.get("samples") or []}
-            self.samples = [s for s in self.samples if s.at.isoformat() not in sent_times]
-            if self.metrics_error:
-                log.info("metrics: sent again (%d samples)", sent_upto)
-            self.metrics_failures, self.metrics_error = 0, None
-            self.metrics_next = self.clock() + METRICS_FLUSH_EVERY
-        else:
-            self.metrics_failures += 1
-            error = answer.get("error") or "unknown error"
-            if error != self.metrics_error:
-                log.info("metrics: PutMetricData failed (samples kept, will retry): %s", error)
-            self.metrics_error = error
-            self.metrics_next = self.clock() + self.backoff(self.metrics_failures)
-
     # -- AWS request dispatch -----------------------------------------------------------------
+    def view(self) -> AgentView:
+        return AgentView(self.last, self.desired_attributes())
+
     def aws_request(self) -> dict:
+        view = self.view()
         request = {}
-        for name, build in (("ecs", self.ecs_request), ("snapshots", self.snapshots_request),
-                            ("metrics", self.metrics_request)):
-            part = build()
+        for reconciler in self.aws_reconcilers:
+            part = reconciler.request(view)
             if part is not None:
-                request[name] = part
+                request[reconciler.name] = part
         return request
 
     def apply_aws_answer(self, request: dict, answer: dict) -> None:
         general = answer.get("error")
-        for name in request:
-            part_answer = answer.get(name) or {"ok": False, "error": general or "no answer"}
-            if name == "ecs":
-                self.apply_ecs_answer(request["ecs"], part_answer)
-            elif name == "snapshots":
-                self.apply_snapshots_answer(part_answer)
-            elif name == "metrics":
-                self.apply_metrics_answer(request["metrics"], part_answer)
+        for reconciler in self.aws_reconcilers:
+            if reconciler.name in request:
+                part_answer = answer.get(reconciler.name) or {"ok": False,
+                                                              "error": general or "no answer"}
+                reconciler.apply(request[reconciler.name], part_answer)
 
     def dispatch_aws(self) -> None:
         done = self.aws.take()
@@ -548,12 +350,16 @@ class Agent:
     def publish_status(self) -> None:
         if self.last is None:
             return
-        text = status_text(self.last, self.ecs_text(), self.snapshot_age())
+        text = status_text(self.last, self.ecs.text(self.desired_attributes()),
+                           self.snapshots.age(), reason=self.reason(),
+                           claim=self.volume.text() if self.volume else None)
         if not self.ready_sent:
             self.notifier.ready(text)
             self.ready_sent = True
-            self.last_ping = self.clock()  # READY counts as the first sign of life
-        elif text != getattr(self, "_last_status", None):
+            # systemd's watchdog runs from the start of the process and only WATCHDOG=1 resets
+            # it: the first round may have taken a while, so say so now rather than in 1/2 period.
+            self.ping_watchdog(force=True)
+        elif text != self._last_status:
             self.notifier.status(text)
         self._last_status = text
 
@@ -577,24 +383,35 @@ class Agent:
         next_round = self.clock()
         try:
             while not self.stop_event.is_set():
+                volume = self.volume
+                # A finished claim is looked at by a round at once: ready without waiting.
+                ended = volume.collect() if volume is not None else None
+                if ended == CLAIMED or (ended and self.our_mount_changed()):
+                    next_round = self.clock()
                 now = self.clock()
                 if now >= next_round:
                     self.do_round()
                     next_round = self.clock() + self.interval
-                elif (self.ecs_enabled and self.instance is None
-                      and now >= self.next_introspection and self.last is not None):
-                    self.observe_ecs_agent()
+                elif self.ecs.wants_look(now) and self.last is not None:
+                    self.ecs.look(self._session())
                 if self.stop_event.is_set():
                     break
+                if volume is not None:
+                    volume.start_if_due()
                 self.dispatch_aws()
                 self.publish_status()
                 self.ping_watchdog()
-                timeout = next_round - self.clock()
+                wake_at = [next_round]
                 if self.watchdog_every is not None:
-                    timeout = min(timeout, self.last_ping + self.watchdog_every - self.clock())
-                if self.ecs_enabled and self.instance is None:
-                    timeout = min(timeout, self.next_introspection - self.clock())
-                if self.wait(timeout, poller) and self.our_mount_changed():
+                    wake_at.append(self.last_ping + self.watchdog_every)
+                for reconciler in (self.ecs, volume):
+                    at = reconciler.wake_at() if reconciler is not None else None
+                    if at is not None:
+                        wake_at.append(at)
+                # While bootstrap runs it mounts, then lays out: its mount is looked at once it
+                # has finished (collect), never half-way through.
+                if (self.wait(min(wake_at) - self.clock(), poller) and self.our_mount_changed()
+                        and not (volume is not None and volume.running)):
                     next_round = min(next_round, max(self.clock(),
                                                      self.last_round_at + MOUNT_EVENT_MIN_GAP))
         finally:
@@ -618,21 +435,22 @@ class Agent:
         return poller, fd
 
     def run_once(self) -> RoundResult:
-        """One synchronous round with its ECS/snapshot/metrics reporting, for --once."""
+        """One synchronous round with its ECS/snapshot/metrics reporting, for --once. It only
+        reports: the volume is never claimed here (that is the long-running agent's job)."""
         import dataclasses
 
         result = self.do_round()
-        self.snapshot_next = 0.0
-        first = {name: part for name, part in (("ecs", self.ecs_request()),
-                                                ("snapshots", self.snapshots_request())) if part}
+        self.snapshots.backoff.next_at = 0.0
+        view = self.view()
+        first = {r.name: part for r in (self.ecs, self.snapshots) if (part := r.request(view))}
         if first:
             self.apply_aws_answer(first, self.aws.run_now(first))
-        if self.metrics_next is not None and self.samples:
+        if self.metrics.enabled and self.metrics.samples:
             # The snapshot age arrived after the round's sample was taken: fill it in.
-            self.samples[-1] = dataclasses.replace(self.samples[-1],
-                                                   snapshot_age_hours=self.snapshot_age(result.wall))
-            self.metrics_next = 0.0
-            part = self.metrics_request()
+            self.metrics.samples[-1] = dataclasses.replace(
+                self.metrics.samples[-1], snapshot_age_hours=self.snapshots.age(result.wall))
+            self.metrics.backoff.next_at = 0.0
+            part = self.metrics.request(self.view())
             self.apply_aws_answer({"metrics": part}, self.aws.run_now({"metrics": part}))
         return result
 
@@ -645,33 +463,38 @@ def _log_to_stdout() -> None:
 
 
 def once_report(agent: Agent, result: RoundResult) -> Report:
+    ecs, snapshots, metrics = agent.ecs, agent.snapshots, agent.metrics
     rows = [("ok" if c.ok else "FAIL", c.name, c.detail) for c in result.checks]
     rows.append(("ok" if result.couchdb.ready else "FAIL", "couchdb", result.couchdb.reason))
     for p in result.posture:
         rows.append(({True: "ok", False: "WARN", None: "-"}[p.ok], p.name, p.detail))
-    ecs = agent.ecs_text()
-    ecs_detail = agent.ecs_error or (agent.instance.arn if agent.instance else agent.ecs_reason)
-    rows.append(("-", "ecs", f"{ecs}: {ecs_detail}" if agent.ecs_enabled else "off (no introspection_url)"))
-    age = agent.snapshot_age()
-    if agent.snapshot_newest:
-        rows.append(("-", "snapshot", f"{agent.snapshot_newest['id']} {age:.1f} h old"))
+    ecs_state = ecs.text(agent.desired_attributes(result))
+    ecs_detail = ecs.error or (ecs.instance.arn if ecs.instance else ecs.waiting_reason)
+    rows.append(("-", "ecs", f"{ecs_state}: {ecs_detail}" if ecs.enabled else
+                 "off (no introspection_url)"))
+    age = snapshots.age()
+    if snapshots.newest:
+        rows.append(("-", "snapshot", f"{snapshots.newest['id']} {age:.1f} h old"))
+    reason = agent.reason(result)
     text = render_table(rows, ("RESULT", "CHECK", "DETAIL"))
-    text += f"\npersistence={result.persistence}"
+    text += f"\npersistence={result.persistence}" + \
+        ("" if result.persistence == "ready" else f" reason={slug(reason)}")
     ok = result.persistence == "ready"
     items = [asdict(c) if hasattr(c, "__dataclass_fields__") else
              {"name": c.name, "ok": c.ok, "detail": c.detail} for c in result.checks]
     extra = {
         "persistence": result.persistence,
+        "reason": reason,
         "volume_id": result.volume_id,
         "disk_used_percent": result.disk_used_percent,
         "couchdb": {"state": couchdb_attribute(result.couchdb), "reason": result.couchdb.reason},
         "security": [asdict(p) for p in result.posture],
-        "ecs": {"state": ecs, "detail": ecs_detail if agent.ecs_enabled else None,
-                "attributes": agent.reported, "put": agent.last_put},
-        "snapshot": None if not agent.snapshot_newest else {**agent.snapshot_newest, "age_hours": age},
-        "snapshot_error": agent.snapshot_error,
-        "metrics": None if not agent.config.metrics.enabled else
-        {"sent": agent.metrics_error is None and not agent.samples, "error": agent.metrics_error},
+        "ecs": {"state": ecs_state, "detail": ecs_detail if ecs.enabled else None,
+                "attributes": ecs.reported, "put": ecs.last_put},
+        "snapshot": None if not snapshots.newest else {**snapshots.newest, "age_hours": age},
+        "snapshot_error": snapshots.error,
+        "metrics": None if not metrics.enabled else
+        {"sent": metrics.error is None and not metrics.samples, "error": metrics.error},
     }
     return Report(ok=ok, key="checks", items=items, text=text,
                   exit_code=EXIT_OK if ok else EXIT_FAILED, extra=extra)
@@ -679,10 +502,15 @@ def once_report(agent: Agent, result: RoundResult) -> Report:
 
 def run(ctx, args) -> Report:
     config = ctx.config
-    agent = Agent(config)
     if getattr(args, "once", False):
+        # --once only reports: claiming the volume (attach, format, mount) is for the service,
+        # where one process paces it; a cron'd or hand-run --once must never change the host.
+        agent = Agent(config)
         return once_report(agent, agent.run_once())
 
+    config_path = ctx.config_path
+    timeout = claim_timeout(config)
+    agent = Agent(config, bootstrap=lambda: run_bootstrap_child(config_path, timeout))
     _log_to_stdout()
     received: list[str] = []
 

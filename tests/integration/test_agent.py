@@ -144,6 +144,11 @@ def wait_for(predicate, timeout: float, step: float = 0.05):
     return predicate()
 
 
+def line_time(lines: "Lines", needle: str) -> float | None:
+    """When the first line containing needle was read (monotonic), or None."""
+    return next((t for t, line in list(lines.lines) if needle in line), None)
+
+
 def rss_mb(pid: int) -> float:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -194,15 +199,23 @@ def test_agent_under_notify_socket_reports_ready_then_missing_and_exits_cleanly(
 
         t_umount = time.monotonic()
         sh("umount", host_paths["mount_point"])
-        assert wait_for(lambda: ecs_attributes(arn).get("hostagent.persistence") == "missing",
-                        10), (out.text(), err.text())
-        lag = time.monotonic() - t_umount
-        logged = wait_for(lambda: next((t for t, l in out.lines
-                                        if "persistence ready -> missing" in l), None), 5)
+        # Seen at once (mountinfo), put as missing, then claimed back by the agent's own
+        # `hostagent bootstrap` child (volume.device only: no AWS call) and ready again.
+        put_missing = wait_for(lambda: line_time(out, "ECS: hostagent.persistence=missing"), 10)
+        assert put_missing, (out.text(), err.text())
+        logged = line_time(out, "persistence ready -> missing")
+        assert "ECS: hostagent.reason=not-mounted" in out.text()
+        back = wait_for(lambda: line_time(out, "persistence missing -> ready"), 20)
+        assert back, (out.text(), err.text())
+        assert wait_for(lambda: ecs_attributes(arn).get("hostagent.persistence") == "ready", 10)
+        assert ecs_attributes(arn)["hostagent.reason"] == "none"
+        assert os.path.ismount(host_paths["mount_point"])
+        assert "volume: claimed by `hostagent bootstrap`" in out.text()
+        lag = put_missing - t_umount
         print(f"\nagent RSS {rss:.1f} MB; umount seen in the log after {(logged - t_umount):.2f}s, "
-              f"ECS attribute 'missing' after {lag:.2f}s")
+              f"ECS attribute 'missing' after {lag:.2f}s, mounted again by the agent after "
+              f"{back - t_umount:.2f}s")
         assert lag < 3.0  # interval 1 s: within ~2 intervals plus one AWS child call
-        assert wait_for(lambda: "ECS: hostagent.persistence=missing" in out.text(), 5)
         assert puts_before == 1  # ready was put once, not every round
         assert rss <= RSS_LIMIT_MB
 
@@ -245,7 +258,8 @@ def test_agent_once_reports_and_is_idempotent_across_restarts(
     code, out, done = once()
     assert code == 0, done.stderr
     assert out["persistence"] == "ready" and out["ok"] is True
-    assert out["ecs"]["put"] == {"hostagent.persistence": "ready", "hostagent.couchdb": "up"}
+    assert out["ecs"]["put"] == {"hostagent.persistence": "ready", "hostagent.couchdb": "up",
+                                 "hostagent.reason": "none"}
     assert ecs_attributes(arn)["hostagent.persistence"] == "ready"
     # A restarted agent reads ECS's view first and puts nothing that is already there.
     code, out, _ = once()
@@ -253,8 +267,11 @@ def test_agent_once_reports_and_is_idempotent_across_restarts(
 
     sh("umount", host_paths["mount_point"])
     code, out, _ = once()
-    assert code == 1 and out["persistence"] == "missing"
-    assert out["ecs"]["put"] == {"hostagent.persistence": "missing"}
+    assert code == 1 and out["persistence"] == "missing" and out["reason"] == "not-mounted"
+    assert out["ecs"]["put"] == {"hostagent.persistence": "missing",
+                                 "hostagent.reason": "not-mounted"}
+    # --once only reports: it never claims the volume back (the service does).
+    assert not os.path.ismount(host_paths["mount_point"])
     assert ecs_attributes(arn)["hostagent.persistence"] == "missing"
 
 
@@ -271,6 +288,7 @@ def test_degraded_when_mounted_but_a_check_fails(tmp_path, loop_device, host_pat
     out = json.loads(done.stdout)
     assert done.returncode == 1 and out["persistence"] == "degraded"
     assert ecs_attributes(arn)["hostagent.persistence"] == "degraded"
+    assert ecs_attributes(arn)["hostagent.reason"] == "layout-data"
 
 
 def test_ecs_attributes_against_moto(aws):
@@ -370,7 +388,7 @@ def test_agent_once_with_volume_id_reports_snapshot_age_and_metrics(
     assert done.returncode == 0, done.stderr
     assert out["snapshot"]["id"] == snap and 0 <= out["snapshot"]["age_hours"] < 0.1
     assert ecs_attributes(arn) == {"hostagent.persistence": "ready", "hostagent.volume-id": vol,
-                                   "hostagent.couchdb": "up"}
+                                   "hostagent.couchdb": "up", "hostagent.reason": "none"}
     metrics = boto3.client("cloudwatch").list_metrics(Namespace="hostagent-once")["Metrics"]
     assert {m["MetricName"] for m in metrics} == {"DiskUsedPercent", "CouchDBUp", "SnapshotAgeHours"}
     assert all(m["Dimensions"] == [{"Name": "VolumeId", "Value": vol}] for m in metrics)

@@ -217,7 +217,7 @@ def make_agent(calls, answers):
 
     cfg = parse_config({"volume": {"device": "/dev/loop9"}, "agent": {"interval": 30}})
     a = agent.Agent(cfg, notifier=Notifier(None), clock=clock, aws_call=aws_call)
-    a.instance = ContainerInstance("gc", ARN)
+    a.ecs.instance = ContainerInstance("gc", ARN)
     return a, clock
 
 
@@ -231,26 +231,31 @@ class FakeClock:
 
 def test_agent_syncs_first_then_puts_only_changes():
     calls = []
-    answers = [{"ecs": {"ok": True, "put": {"hostagent.couchdb": "up"},
+    answers = [{"ecs": {"ok": True, "put": {"hostagent.couchdb": "up", "hostagent.reason": "none"},
                         "current": {"hostagent.persistence": "ready"}}},
-               {"ecs": {"ok": True, "put": {"hostagent.persistence": "missing"}, "current": None}}]
+               {"ecs": {"ok": True, "put": {"hostagent.persistence": "missing",
+                                            "hostagent.reason": "not-mounted"}, "current": None}}]
     a, clock = make_agent(calls, answers)
     a.last = round_result()
     a.last.volume_id = None
     first = a.aws_request()
     assert first["ecs"]["sync"] is True
-    assert first["ecs"]["attributes"] == {"hostagent.persistence": "ready", "hostagent.couchdb": "up"}
+    assert first["ecs"]["attributes"] == {"hostagent.persistence": "ready",
+                                          "hostagent.couchdb": "up", "hostagent.reason": "none"}
     a.apply_aws_answer(first, a.aws.run_now(first))
-    assert a.reported == {"hostagent.persistence": "ready", "hostagent.couchdb": "up"}
+    assert a.ecs.reported == {"hostagent.persistence": "ready", "hostagent.couchdb": "up",
+                              "hostagent.reason": "none"}
     assert a.aws_request() == {}  # nothing changed: nothing sent
-    assert a.ecs_text() == "reported"
+    assert a.ecs.text(a.desired_attributes()) == "reported"
     a.last = round_result("missing", checks=[Check("mounted", False, "gone")])
     a.last.volume_id = None
     second = a.aws_request()
+    # The reason is put as a value ("none" before), never deleted: no ecs:DeleteAttributes.
     assert second["ecs"] == {"cluster": "gc", "arn": ARN, "prefix": "hostagent",
-                             "attributes": {"hostagent.persistence": "missing"}, "sync": False}
+                             "attributes": {"hostagent.persistence": "missing",
+                                            "hostagent.reason": "not-mounted"}, "sync": False}
     a.apply_aws_answer(second, a.aws.run_now(second))
-    assert a.reported["hostagent.persistence"] == "missing" and a.aws_request() == {}
+    assert a.ecs.reported["hostagent.persistence"] == "missing" and a.aws_request() == {}
 
 
 def test_agent_backs_off_after_a_failed_put_and_logs_it_once(caplog):
@@ -270,17 +275,47 @@ def test_agent_backs_off_after_a_failed_put_and_logs_it_once(caplog):
         clock.t += 1
         assert "ecs" in a.aws_request()
     assert sum("reporting failed" in r.message for r in caplog.records) == 1  # said once
-    assert a.ecs_failures == 2 and a.ecs_text() == "error"
+    assert a.ecs.backoff.failures == 2 and a.ecs.text(a.desired_attributes()) == "error"
 
 
-def test_backoff_is_capped():
+def test_every_aws_reconciler_backs_off_the_same_way_and_is_capped():
     a, _ = make_agent([], [])
-    assert [a.backoff(n) for n in (1, 2, 3, 4, 5, 6)] == [30, 60, 120, 240, 300, 300]
+    for reconciler in (a.ecs, a.snapshots, a.metrics):
+        waits = []
+        for _ in range(6):
+            reconciler.backoff.failed("x")
+            waits.append(reconciler.backoff.remaining())
+        assert waits == [30, 60, 120, 240, 300, 300], reconciler.name
 
 
 def test_no_ecs_request_before_a_round_or_without_an_instance():
     a, _ = make_agent([], [])
-    assert a.ecs_request() is None  # no round yet: nothing is known, nothing is said
+    assert a.ecs.request(a.view()) is None  # no round yet: nothing is known, nothing is said
     a.last = round_result()
-    a.instance = None
-    assert a.ecs_request() is None
+    a.ecs.instance = None
+    assert a.ecs.request(a.view()) is None
+
+
+def test_reason_attribute_values():
+    missing = round_result("missing", checks=[Check("mounted", False, "nothing is mounted"),
+                                              Check("guard", True, "immutable")])
+    assert agent.decide_reason(round_result()) == "none"
+    assert agent.decide_reason(missing) == "not-mounted"  # no claim attempt yet
+    assert agent.decide_reason(missing, "attached-elsewhere") == "attached-elsewhere"
+    wrong = round_result("missing", checks=[Check("mounted", True, "/dev/loop1 on /x"),
+                                            Check("device", False, "not the volume")])
+    # A wrong device mounted there is not claimed over: the reason names the failed check.
+    assert agent.decide_reason(wrong, "attached-elsewhere") == "device"
+    low = [c._replace(ok=False) if c.name in ("free-space", "layout data") else c for c in all_ok()]
+    assert agent.decide_reason(round_result("degraded", checks=low)) == "layout-data free-space"
+    want = ea.desired_attributes("hostagent", persistence="missing", reason="attached-elsewhere")
+    assert want == {"hostagent.persistence": "missing", "hostagent.reason": "attached-elsewhere"}
+
+
+def test_status_line_says_why_while_not_ready():
+    missing = round_result("missing", checks=[Check("mounted", False, "nothing is mounted")],
+                           couch=Readiness(False, "off", "couchdb.url is not set"))
+    missing.disk_used_percent = None
+    assert agent.status_text(missing, "reported", None, reason="attached-elsewhere",
+                             claim="retrying") == \
+        "persistence=missing reason=attached-elsewhere couchdb=off claim=retrying ecs=reported"
