@@ -118,6 +118,9 @@ def _command_options(name: str, cmd) -> None:
                          help="do not apply retention afterwards")
     elif name == "restore":
         cmd.add_argument("snapshot_id", metavar="SNAPSHOT_ID", help="snap-…")
+        cmd.add_argument("--apply", action="store_true",
+                         help="also swap it in: unmount, detach our old volume, attach and mount "
+                              "the restored one, verify (refuses while files are open on it)")
     elif name == "wait-couchdb":
         cmd.add_argument("--timeout", type=float, metavar="S", default=None,
                          help="seconds to wait (default: couchdb.timeout)")

@@ -366,3 +366,39 @@ def delete_tags(ec2, resource_id: str, tags: Mapping[str, str]) -> None:
     with aws_call("ec2:DeleteTags", where=resource_id):
         ec2.delete_tags(Resources=[resource_id],
                         Tags=[{"Key": k, "Value": v} for k, v in tags.items()])
+
+
+def detach_from_self(ec2, identity: Identity, volume_id: str, *, timeout: float,
+                     clock: Callable[[], float] = time.monotonic,
+                     sleep: Callable[[float], None] = time.sleep) -> str:
+    """Detach one of *our* volumes from *this* instance (never Force, never another instance's
+    attachment) and wait until EC2 no longer lists it attached here. Idempotent."""
+    from hostagent.aws.errors import AWSError, aws_call
+
+    current = describe_volume(ec2, volume_id)
+    mine = current.attachment_of(identity.instance_id)
+    if mine is None or mine.state == "detached":
+        return "not attached here"
+    if mine.state != "detaching":
+        try:
+            with aws_call("ec2:DetachVolume", where=volume_id):
+                ec2.detach_volume(VolumeId=volume_id, InstanceId=identity.instance_id)
+        except AWSError as exc:
+            if exc.code != "IncorrectState":
+                raise
+    deadline = clock() + timeout
+    delay = POLL_START
+    while True:
+        current = describe_volume(ec2, volume_id)
+        mine = current.attachment_of(identity.instance_id)
+        if mine is None or mine.state == "detached":
+            return "detached"
+        remaining = deadline - clock()
+        if remaining <= 0:
+            raise OperationError(
+                f"volume {volume_id} still {mine.state} from {identity.instance_id} after "
+                f"{timeout:g} s", hint="EC2 may still finish the detach: run the command again "
+                                       "later (it never force-detaches)")
+        sleep(min(delay, remaining))
+        delay = min(delay * 2, POLL_MAX)
+

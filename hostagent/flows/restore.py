@@ -1,7 +1,12 @@
-"""`restore SNAPSHOT_ID`: a new persistence volume from a snapshot in this AZ; the old one is re-tagged.
+"""`restore SNAPSHOT_ID [--apply]`: a new persistence volume from a snapshot in this AZ; the
+old one is re-tagged, never deleted.
 
-Restore only creates and tags: it never detaches, deletes or formats anything, so it can run while
-CouchDB still serves from the old volume. The swap itself is the operator's (printed next steps).
+Without --apply restore only creates and tags, so it can run while CouchDB still serves from the
+old volume, and prints the swap as next steps. With --apply it does the swap too, under one host
+lock from the unmount to the mounted new volume: refuse while anything has files open on the
+volume, unmount, detach *our own* old volume from this instance (never force, never another
+instance's, never deleted), then the bootstrap flow attaches and mounts the restored one, and
+verify-mount's checks run.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from datetime import datetime, timezone
 from typing import Any, Mapping
 
 from hostagent.aws.volume import IN_SERVICE_TAG, RESTORED_FROM_TAG as RESTORED_FROM_KEY
-from hostagent.errors import OperationError, UsageError
+from hostagent.errors import OperationError, RefusedError, UsageError
 from hostagent.log import get_logger
 from hostagent.plan import Step, apply_steps, render_steps, skipped
 from hostagent.report import Report
@@ -197,6 +202,94 @@ def next_steps(config, new_id: str, old_ids: list[str]) -> list[str]:
     return steps
 
 
+DETACH_TIMEOUT = 300.0
+
+
+def users_of_mount(config) -> tuple[str | None, list[tuple[int, str]]]:
+    """(device of what is mounted at the mount point, processes using it)."""
+    import os
+
+    from hostagent.adapters.mounts import mount_at, read_mountinfo
+    from hostagent.adapters.procs import processes_using
+
+    entry = mount_at(os.path.normpath(config.filesystem.mount_point), read_mountinfo())
+    if entry is None:
+        return None, []
+    return entry.major_minor, processes_using(entry.major_minor)
+
+
+def refuse_if_in_use(config) -> None:
+    _, users = users_of_mount(config)
+    if users:
+        listing = ", ".join(f"{comm} (pid {pid})" for pid, comm in users[:8])
+        raise RefusedError(
+            f"{len(users)} process(es) have files open on {config.filesystem.mount_point}: "
+            f"{listing}; refusing to unmount it under them", where=config.filesystem.mount_point,
+            hint="stop the CouchDB task first (set the ECS service's desired count to 0), then "
+                 "run the restore again", reason="volume-in-use")
+
+
+def check_apply_possible(config) -> None:
+    """Every refusal --apply can make, before anything is created."""
+    if config.volume.id:
+        raise UsageError("restore --apply needs the volume found by [volume] tags: with "
+                         "volume.id the config itself would have to change", where=config.source,
+                         hint="run restore without --apply and follow its next steps, or name the "
+                              "volume by tags")
+    refuse_if_in_use(config)
+
+
+def swap_steps(config, ec2, identity, old_ids: list[str], current: list[dict]) -> list[Step]:
+    """Unmount, detach our own old volume(s) from this instance, bootstrap the new, verify."""
+    import os
+
+    from hostagent.adapters import mounts
+    from hostagent.aws.volume import detach_from_self
+
+    mp = os.path.normpath(config.filesystem.mount_point)
+    steps = []
+
+    def unmount() -> str:
+        refuse_if_in_use(config)  # again, right before: a task may have started since
+        mounts.unmount(mp)
+        return "unmounted (the bare mount point stays immutable)"
+
+    device, _ = users_of_mount(config)
+    if device is None:
+        steps.append(skipped("umount", f"umount {mp}", "not mounted"))
+    else:
+        steps.append(Step("umount", f"umount {mp}",
+                          "nothing has files open on it: the old volume can go", run=unmount))
+    attached_here = {v["VolumeId"] for v in current if any(
+        a.get("InstanceId") == identity.instance_id and a.get("State") != "detached"
+        for a in v.get("Attachments") or ())}
+    for old in old_ids:
+        if old not in attached_here:
+            steps.append(skipped("detach-old", f"DetachVolume {old}", "not attached here"))
+            continue
+        steps.append(Step("detach-old", f"DetachVolume {old} from {identity.instance_id}",
+                          "our own old volume, unmounted: detached (never forced), kept",
+                          run=lambda old=old: detach_from_self(ec2, identity, old,
+                                                               timeout=DETACH_TIMEOUT)))
+    return steps
+
+
+def bootstrap_and_verify(config) -> list[Step]:
+    """The bootstrap flow, in this process under the lock restore holds, then the checks."""
+    from hostagent.checks import run_checks
+    from hostagent.flows.bootstrap import bootstrap
+
+    inner: list[Step] = []
+    bootstrap(config, False, inner, {})
+    checks = run_checks(config)
+    failed = [c for c in checks if not c.ok]
+    if failed:
+        raise OperationError("the restored volume is mounted but verify-mount fails: " +
+                             "; ".join(f"{c.name}: {c.detail}" for c in failed),
+                             hint="run `hostagent verify-mount` for the whole table")
+    return inner
+
+
 def run(ctx, args, *, aws=None, now=None) -> Report:
     from hostagent.aws import snapshots as snaps
     from hostagent.aws import volume as vol
@@ -209,6 +302,9 @@ def run(ctx, args, *, aws=None, now=None) -> Report:
         raise UsageError(f"{snapshot_id!r} is not an EBS snapshot id (snap-…)",
                          hint="`hostagent snapshots` lists this volume's snapshots")
     require_aws_volume(config)
+    apply_swap = getattr(args, "apply", False)
+    if apply_swap:
+        check_apply_possible(config)
     aws = make_aws(aws)
     dry_run = getattr(args, "dry_run", False)
     moment = (now or (lambda: datetime.now(timezone.utc)))()
@@ -249,6 +345,7 @@ def run(ctx, args, *, aws=None, now=None) -> Report:
             return apply
 
         steps: list[Step] = []
+        current = find_current_volumes(ec2, config) if apply_swap else []
         if plan.reuse_volume_id:
             steps.append(skipped("create-volume", f"reuse {plan.reuse_volume_id}",
                                  f"already restored from {snapshot_id} (tag {RESTORED_FROM_KEY})"))
@@ -263,6 +360,9 @@ def run(ctx, args, *, aws=None, now=None) -> Report:
                               run=create))
         steps.append(Step("wait-available", "poll DescribeVolumes until available",
                           "the volume must exist before the old one stops matching", run=wait))
+        if apply_swap:
+            steps += swap_steps(config, ec2, identity, [r.volume_id for r in plan.retags],
+                                current)
         for retag in plan.retags:
             action = (f"retag {retag.volume_id}: " + ", ".join(
                 f"{k}={v}" for k, v in retag.set_tags.items())
@@ -274,14 +374,26 @@ def run(ctx, args, *, aws=None, now=None) -> Report:
                                   "so the tag search finds only the restored volume; the old one "
                                   "is kept, never deleted or detached", run=retag_step(retag)))
         apply_steps(steps, dry_run=dry_run)
+        if apply_swap:
+            swap = Step("bootstrap", "bootstrap + verify-mount",
+                        "attach and mount the restored volume (its filesystem is the snapshot's: "
+                        "reused, never formatted), then every verify-mount check",
+                        run=lambda: "; ".join(f"{s.name} {s.status}" for s in
+                                              bootstrap_and_verify(config)))
+            steps.append(swap)
+            apply_steps([swap], dry_run=dry_run)
 
     new_id = state.get("volume_id") or "(new volume)"
     old_ids = [r.volume_id for r in plan.retags]
-    todo = next_steps(config, new_id, old_ids)
+    todo = [] if apply_swap else next_steps(config, new_id, old_ids)
     text = render_steps(steps) + "\n\n"
     text += ("Dry run: nothing was changed. " if dry_run else
              f"Restored {snapshot_id} to {new_id} in {plan.availability_zone}. ")
-    text += "Next steps:\n" + "\n".join(f"  {i}. {s}" for i, s in enumerate(todo, 1))
+    if todo:
+        text += "Next steps:\n" + "\n".join(f"  {i}. {s}" for i, s in enumerate(todo, 1))
+    elif not dry_run:
+        text += (f"The restored volume is mounted and verified; the old one is kept: delete it "
+                 "yourself once the restore is proven. Start CouchDB again.")
     return Report(ok=True, key="steps", items=[s.as_dict() for s in steps], text=text,
                   extra={"snapshot_id": snapshot_id, "volume_id": state.get("volume_id"),
                          "replaced": old_ids, "next_steps": todo, "dry_run": dry_run})
