@@ -22,10 +22,14 @@ WAIT_TIMEOUT = 4 * 3600.0  # a first full snapshot of a large volume can take ho
 MAX_COPIES_PER_RUN = 5  # AWS runs at most 20 concurrent copies per destination region
 
 
-def find_configured_volume(config, ec2):
+def find_configured_volume(config, aws):
+    """The volume bootstrap uses: by id, or by tags within this instance's AZ (one persistence
+    volume per AZ: the others are other hosts' volumes)."""
     from hostagent.aws.volume import find_volume
 
-    return find_volume(ec2, volume_id=config.volume.id, tags=config.volume.tags)
+    zone = aws.identity.availability_zone if config.volume.tags and not config.volume.id else None
+    return find_volume(aws.ec2, volume_id=config.volume.id, tags=config.volume.tags,
+                       availability_zone=zone)
 
 
 def policy_of(config) -> Policy:
@@ -216,7 +220,7 @@ def run_snapshot(ctx, args, *, aws=None, now: Callable[[], datetime] | None = No
     state: dict = {}
 
     with lock:
-        volume = find_configured_volume(config, aws.ec2)
+        volume = find_configured_volume(config, aws)
         if freeze_on:
             from hostagent.freeze import check_can_freeze
 
@@ -339,7 +343,7 @@ def run_prune(ctx, args, *, aws=None, now: Callable[[], datetime] | None = None)
     dry_run = getattr(args, "dry_run", False)
     lock = contextlib.nullcontext() if dry_run else host_lock(config.host.lock_file)
     with lock:
-        volume = find_configured_volume(config, aws.ec2)
+        volume = find_configured_volume(config, aws)
         outcomes = prune_all(aws, config, volume.volume_id, now=clock(), dry_run=dry_run)
 
     deleted, kept, skipped, rows = [], [], [], []
@@ -373,7 +377,7 @@ def run_list(ctx, args, *, aws=None) -> Report:
     config = ctx.config
     require_aws_volume(config)
     aws = make_aws(aws)
-    volume = find_configured_volume(config, aws.ec2)
+    volume = find_configured_volume(config, aws)
     records = list_snapshots(aws.ec2, volume.volume_id)
     rows = [(r.id, _when(r), r.state, r.progress, r.tags.get(CONSISTENCY_KEY, ""),
              r.tags.get("Name", "")) for r in records]
