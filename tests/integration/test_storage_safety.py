@@ -177,9 +177,10 @@ def own_loop(backing):
             sh("losetup", "-d", dev, check=False)
 
 
-def repoint_loop(dev: str, backing) -> None:
+def repoint_loop(dev: str, backing, *, detach: bool = True) -> None:
     """The same loop name, another disk: what a serial-less disk swapped under a name looks like."""
-    sh("losetup", "-d", dev)
+    if detach:
+        sh("losetup", "-d", dev)
     for _ in range(200):
         if sh("losetup", dev, backing, check=False).returncode == 0:
             return
@@ -231,20 +232,39 @@ def tools():
 
 # --- 1. a leftover format record formats another disk --------------------------------------------
 
-def test_format_record_left_by_a_kill_never_formats_another_disk_under_that_name(
-        tools, host_paths, tmp_path):
-    """SIGKILL in the format step leaves the record; the loop name then shows a disk full of
-    random bytes (same size: a serial-less disk has nothing else to tell them apart by)."""
-    size = 256 * MIB
-    blank = tmp_path / "blank.img"
-    sh("truncate", "-s", str(size), blank)
+def swap_in_random_disk_at_another_path(dev: str, backing, tmp_path) -> None:
+    """The loop name then shows a disk full of random bytes from another file (same size: a
+    serial-less disk has nothing else to tell them apart by)."""
     other = tmp_path / "someone-elses.img"
-    random_image(other, size)
-    with own_loop(blank) as dev:
+    random_image(other, os.path.getsize(backing))
+    repoint_loop(dev, other)
+
+
+def swap_in_random_disk_at_the_same_path(dev: str, backing, tmp_path) -> None:
+    """The reviewer's reproduction: the backing file is deleted and a new one full of random
+    bytes is written at the same path — ext4 hands out the freed inode number again — and
+    attached under the same loop name. Path, inode and size all match the record; only our
+    pre-mkfs mark (and the inode generation) tell it is not our half-made filesystem."""
+    size = os.path.getsize(backing)
+    sh("losetup", "-d", dev)
+    os.unlink(backing)
+    random_image(backing, size)
+    repoint_loop(dev, backing, detach=False)
+
+
+@pytest.mark.parametrize("swap", [swap_in_random_disk_at_another_path,
+                                  swap_in_random_disk_at_the_same_path],
+                         ids=["another-file", "same-path-new-file"])
+def test_format_record_left_by_a_kill_never_formats_another_disk_under_that_name(
+        tools, host_paths, tmp_path, swap):
+    """SIGKILL in the format step leaves the record; then another disk shows up under the name."""
+    backing = tmp_path / "blank.img"
+    sh("truncate", "-s", str(256 * MIB), backing)
+    with own_loop(backing) as dev:
         config = make_config(host_paths, dev)
         intent = os.path.join(host_paths["state_dir"], INTENT)
         kill_once_format_intent_exists(start_bootstrap(config), intent)
-        repoint_loop(dev, other)
+        swap(dev, backing, tmp_path)
         before = looks(dev, host_paths)
         result = hostagent(config, "bootstrap")
         try:
@@ -253,38 +273,6 @@ def test_format_record_left_by_a_kill_never_formats_another_disk_under_that_name
             assert_one_line_error(result)
             assert_untouched(dev, host_paths, before, result)
             assert not is_mount_point(host_paths["mount_point"])
-        finally:
-            unmount_everything_under(host_paths["root"])
-
-
-def test_format_record_never_formats_a_new_file_at_the_same_path_and_inode(
-        tools, host_paths, tmp_path):
-    """The reviewer's reproduction: the backing file is deleted and a new one full of random
-    bytes is written at the same path — ext4 hands out the freed inode number again — and
-    attached under the same loop name. Path, inode and size all match the record; only our
-    pre-mkfs mark (and the inode generation) tell it is not our half-made filesystem."""
-    size = 256 * MIB
-    backing = tmp_path / "disk.img"
-    sh("truncate", "-s", str(size), backing)
-    with own_loop(backing) as dev:
-        config = make_config(host_paths, dev)
-        intent = os.path.join(host_paths["state_dir"], INTENT)
-        kill_once_format_intent_exists(start_bootstrap(config), intent)
-        inode = os.stat(backing).st_ino
-        sh("losetup", "-d", dev)
-        os.unlink(backing)
-        random_image(backing, size)
-        for _ in range(200):
-            if sh("losetup", dev, backing, check=False).returncode == 0:
-                break
-            time.sleep(0.05)
-        before = looks(dev, host_paths)
-        result = hostagent(config, "bootstrap")
-        try:
-            assert result.returncode == 3, \
-                f"exit {result.returncode} (inode reused: {os.stat(backing).st_ino == inode}): " \
-                f"{result.stdout}{result.stderr}"
-            assert_untouched(dev, host_paths, before, result)
         finally:
             unmount_everything_under(host_paths["root"])
 
