@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass
 
 from hostagent.adapters import fstab as fstab_mod
+from hostagent.adapters.blockdev import device_path_of
 from hostagent.adapters.layout import inspect_layout, layout_problem
 from hostagent.adapters.mounts import mount_at, read_mountinfo
 from hostagent.errors import HostagentError
@@ -17,15 +18,6 @@ class Check:
     name: str
     ok: bool
     detail: str
-
-
-def device_path_of(major_minor: str, sysfs_root: str = "/sys") -> str | None:
-    """/dev path of a block device number, via /sys/dev/block (no udev needed)."""
-    try:
-        target = os.readlink(os.path.join(sysfs_root, "dev", "block", major_minor))
-    except OSError:
-        return None
-    return os.path.join("/dev", os.path.basename(target))
 
 
 def expected_device(config) -> tuple[str | None, str]:
@@ -82,7 +74,41 @@ def run_checks(config) -> list[Check]:
         checks.append(Check(f"layout {state.relative}", problem is None,
                             problem or f"{layout.owner}:{layout.group} {layout.mode_bits:04o}"))
     checks.append(_free_space_check(mp, fs.min_free_percent))
+    if config.capacity.auto_grow:
+        checks.append(_capacity_check(config))
     return checks
+
+
+def decide_capacity(config, fs, now=None):
+    """What auto-grow does about the mounted ext4 `fs` (adapters.resize.MountedFs) now: the
+    decision from its free space, its size, the cap and the cool-down kept in the state dir."""
+    from datetime import datetime, timezone
+
+    from hostagent.capacity import CAPACITY_RECORD, decide_auto_grow, grow_not_before, size_gib
+
+    not_before = None
+    if fs.free_pct is not None and fs.free_pct < config.capacity.grow_when_free_below:
+        # The records matter only when auto-grow would act: not read every round.
+        record = read_record(config.host.state_dir, CAPACITY_RECORD)
+        volume_id = config.volume.id or (read_record(config.host.state_dir, VOLUME_RECORD)
+                                         or {}).get("volume_id")
+        not_before = grow_not_before(record, volume_id)
+    return decide_auto_grow(free_pct=fs.free_pct, current_gib=size_gib(fs.device_bytes or 0),
+                            fs_grow_pending=fs.needs_grow, capacity=config.capacity,
+                            not_before=not_before, now=now or datetime.now(timezone.utc))
+
+
+def _capacity_check(config) -> Check:
+    """With auto-grow on: fails only when the volume is at capacity.max_size_gib and free space
+    is still below grow_when_free_below (auto-grow can do nothing more)."""
+    from hostagent.adapters.resize import observe_mounted
+    from hostagent.capacity import capacity_check
+
+    fs = observe_mounted(config.filesystem.mount_point)
+    if fs is None:
+        return Check("capacity", False, "nothing mounted")
+    ok, detail = capacity_check(decide_capacity(config, fs))
+    return Check("capacity", ok, detail)
 
 
 def _unmounted_checks(config, mp: str) -> list[Check]:

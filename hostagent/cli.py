@@ -22,6 +22,7 @@ COMMANDS = {
     "snapshots": ("hostagent.flows.snapshot:run_list", "list this volume's hostagent snapshots, newest first"),
     "prune": ("hostagent.flows.snapshot:run_prune", "apply snapshot retention"),
     "restore": ("hostagent.flows.restore:run", "create a new persistence volume from a snapshot (old one kept)"),
+    "grow": ("hostagent.flows.grow:run", "snapshot, grow the EBS volume (ModifyVolume) and its ext4 online; never shrinks"),
     "fetch-secrets": ("hostagent.flows.secrets:run", "download [secrets] source from S3 to dest, mode 0600"),
     "wait-couchdb": ("hostagent.flows.couchdb:run_wait", "wait until CouchDB answers /_up with status ok"),
     "check-couchdb": ("hostagent.flows.couchdb:run_check", "report CouchDB readiness and security posture"),
@@ -80,7 +81,7 @@ def fast_parse(argv: Sequence[str]) -> SimpleNamespace | None:
             found[word[2:].replace("-", "_")] = True
         else:
             return None
-    if command is None or command in ("restore", "wait-couchdb", "check-couchdb"):
+    if command is None or command in ("restore", "grow", "wait-couchdb", "check-couchdb"):
         return None  # positional or typed arguments: argparse's to check
     verbose = found.pop("verbose_after", None) or found.pop("verbose_before", None)
     found.pop("verbose_before", None)
@@ -109,7 +110,7 @@ class Context:
 
 
 def _command_options(name: str, cmd) -> None:
-    if name in ("bootstrap", "snapshot", "prune", "restore"):
+    if name in ("bootstrap", "snapshot", "prune", "restore", "grow"):
         cmd.add_argument("--dry-run", action="store_true", help="print the plan and change nothing")
     if name == "snapshot":
         cmd.add_argument("--wait", action="store_true",
@@ -121,6 +122,11 @@ def _command_options(name: str, cmd) -> None:
         cmd.add_argument("--apply", action="store_true",
                          help="also swap it in: unmount, detach our old volume, attach and mount "
                               "the restored one, verify (refuses while files are open on it)")
+    elif name == "grow":
+        cmd.add_argument("--size", type=int, metavar="GIB", required=True,
+                         help="the new size of the volume in GiB (more than it is now)")
+        cmd.add_argument("--no-snapshot", action="store_true",
+                         help="do not snapshot the volume first")
     elif name == "wait-couchdb":
         cmd.add_argument("--timeout", type=float, metavar="S", default=None,
                          help="seconds to wait (default: couchdb.timeout)")
@@ -134,7 +140,7 @@ def _command_options(name: str, cmd) -> None:
 
 
 def build_parser(only: str | None = None):
-    """The full parser, or (only=NAME) one with just that command: building all twelve
+    """The full parser, or (only=NAME) one with just that command: building all thirteen
     subparsers costs ~5 ms, a fifth of what a reboot-path bootstrap may spend."""
     argparse, ArgumentParser = _argparse()
     common = ArgumentParser(add_help=False)
@@ -209,7 +215,10 @@ def print_error(exc: HostagentError, *, as_json: bool) -> None:
         answer = {"ok": False, "error": str(exc), "exit_code": exc.exit_code}
         if getattr(exc, "reason", None):
             answer["reason"] = exc.reason
-        print(json.dumps(answer))
+        # What a flow had done before it failed (grow: its steps), for machines too.
+        answer.update({k: v for k, v in (getattr(exc, "json_extra", None) or {}).items()
+                       if k not in answer})
+        print(json.dumps(answer, default=str))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

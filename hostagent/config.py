@@ -121,6 +121,14 @@ class MetricsConfig(NamedTuple):
     namespace: str = "hostagent"
 
 
+class CapacityConfig(NamedTuple):
+    auto_grow: bool = False  # the agent grows the volume itself (ModifyVolume + resize2fs)
+    grow_when_free_below: int = 15  # percent free
+    grow_by_percent: int = 50  # of the current size, at least +1 GiB
+    max_size_gib: int = 1024  # auto-grow never goes past this
+    snapshot_before_grow: bool = True
+
+
 class HostConfig(NamedTuple):
     lock_file: str = "/run/lock/hostagent.lock"
     state_dir: str = "/var/lib/hostagent"
@@ -136,6 +144,7 @@ class Config(NamedTuple):
     ecs: ECSConfig = ECSConfig()
     agent: AgentConfig = AgentConfig()
     metrics: MetricsConfig = MetricsConfig()
+    capacity: CapacityConfig = CapacityConfig()
     host: HostConfig = HostConfig()
     source: str = "<defaults>"
 
@@ -150,6 +159,7 @@ SECTION_CLASSES = {
     "ecs": ECSConfig,
     "agent": AgentConfig,
     "metrics": MetricsConfig,
+    "capacity": CapacityConfig,
     "host": HostConfig,
 }
 
@@ -419,6 +429,8 @@ def _check_semantics(config: Config) -> Config:
         raise ConfigError(f"metrics.namespace {config.metrics.namespace!r} must be 1-255 of "
                           "letters, digits and . - _ / # :, not starting with AWS/", where=src)
 
+    _check_capacity(config)
+
     lock_file = _check_path("host.lock_file", host.lock_file, src)
     state_dir = _check_path("host.state_dir", host.state_dir, src)
     for key, path in (("host.lock_file", lock_file), ("host.state_dir", state_dir),
@@ -434,3 +446,28 @@ def _check_semantics(config: Config) -> Config:
         secrets=config.secrets._replace(dest=secrets_dest),
         host=host._replace(lock_file=lock_file, state_dir=state_dir),
     )
+
+
+def _check_capacity(config: Config) -> None:
+    from hostagent.capacity import MAX_VOLUME_GIB
+
+    cap, src = config.capacity, config.source
+    if not 1 <= cap.grow_when_free_below <= 99:
+        raise ConfigError("capacity.grow_when_free_below must be between 1 and 99 (percent free)",
+                          where=src)
+    if not 1 <= cap.grow_by_percent <= 1000:
+        raise ConfigError("capacity.grow_by_percent must be between 1 and 1000", where=src)
+    if not 1 <= cap.max_size_gib <= MAX_VOLUME_GIB:
+        raise ConfigError(f"capacity.max_size_gib must be between 1 and {MAX_VOLUME_GIB} "
+                          "(the largest EBS volume)", where=src)
+    if not cap.auto_grow:
+        return
+    if not config.volume.uses_aws:
+        raise ConfigError("capacity.auto_grow needs an EBS volume (it calls ModifyVolume): set "
+                          "volume.id or volume.tags", where=src)
+    if cap.grow_when_free_below < config.filesystem.min_free_percent:
+        raise ConfigError(
+            f"capacity.grow_when_free_below ({cap.grow_when_free_below}%) is below "
+            f"filesystem.min_free_percent ({config.filesystem.min_free_percent}%): the host would "
+            "report degraded before auto-grow acts", where=src,
+            hint="make grow_when_free_below at least min_free_percent")

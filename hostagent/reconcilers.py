@@ -1,4 +1,5 @@
-"""The agent's reconcilers (volume claim, ECS report, snapshot age, metrics), each with its own Backoff."""
+"""The agent's reconcilers (volume claim, filesystem grow, auto-grow, ECS report, snapshot age,
+metrics), each with its own Backoff."""
 
 from __future__ import annotations
 
@@ -43,6 +44,12 @@ CLAIMED = "claimed"
 CONVERGING = "converging"  # retry every interval
 OPERATION = "operation"  # retry, doubling from one interval up to CLAIM_RETRY_MAX
 REFUSED = "refused"  # a person must act; look again every REFUSED_RETRY
+# Capacity. A failed online resize (e.g. the kernel refusing it) is tried again from one interval
+# up to this; a failed `hostagent grow` child after AUTO_GROW_RETRY, doubling up to the max (its
+# next ModifyVolume is paced by the 6 h cool-down anyway, kept in the state dir).
+GROW_FS_RETRY_MAX = 1800.0
+AUTO_GROW_RETRY = 300.0
+AUTO_GROW_RETRY_MAX = 3600.0
 
 
 def hours_since(iso: str | None, now: datetime) -> float | None:
@@ -141,8 +148,10 @@ class ClaimResult(NamedTuple):
 EXIT_REASONS = {1: "operation-failed", 2: "bad-config", 3: "refused", 70: "internal-error"}
 
 
-def parse_bootstrap_output(returncode: int | None, stdout: str, stderr: str) -> ClaimResult:
-    """PURE: a ClaimResult from what `hostagent bootstrap --json` printed and its exit code."""
+def parse_bootstrap_output(returncode: int | None, stdout: str, stderr: str,
+                           command: str = "bootstrap") -> ClaimResult:
+    """PURE: a ClaimResult from what `hostagent <command> --json` (bootstrap, grow) printed and
+    its exit code."""
     answer: Any = None
     text = stdout.strip()
     for candidate in (text, text.splitlines()[-1] if text else ""):
@@ -155,19 +164,19 @@ def parse_bootstrap_output(returncode: int | None, stdout: str, stderr: str) -> 
     hint = next((line[len("hint: "):] for line in stderr.splitlines() if line.startswith("hint: ")),
                 None)
     if returncode is None:
-        return ClaimResult(None, "bootstrap-timeout", answer.get("error") or
-                           "`hostagent bootstrap` did not finish in time and was killed", hint)
+        return ClaimResult(None, f"{command}-timeout", answer.get("error") or
+                           f"`hostagent {command}` did not finish in time and was killed", hint)
     if returncode == 0:
         steps = answer.get("steps") if isinstance(answer.get("steps"), list) else []
         done = sum(1 for s in steps if isinstance(s, dict) and s.get("status") == "done")
         return ClaimResult(0, "none", changed=done)
     reason = answer.get("reason")
     if not isinstance(reason, str) or not reason:
-        reason = EXIT_REASONS.get(returncode, "bootstrap-failed")
+        reason = EXIT_REASONS.get(returncode, f"{command}-failed")
     error = answer.get("error")
     if not isinstance(error, str) or not error:
         lines = [line for line in stderr.splitlines() if line.strip()]
-        error = lines[-1] if lines else f"`hostagent bootstrap` exited {returncode}"
+        error = lines[-1] if lines else f"`hostagent {command}` exited {returncode}"
     return ClaimResult(returncode, reason, " ".join(error.split()), hint)
 
 
@@ -180,19 +189,25 @@ def claim_timeout(config) -> float:
 def run_bootstrap_child(config_path: str, timeout: float) -> ClaimResult:
     """`python -m hostagent --config PATH bootstrap --json` in a child: the same flow, lock,
     plan and refusals as at boot, and boto3 is imported there, never in the agent."""
+    return run_hostagent_child(config_path, ["bootstrap", "--json"], timeout)
+
+
+def run_hostagent_child(config_path: str, words: list[str], timeout: float) -> ClaimResult:
+    """`python -m hostagent --config PATH <words…>` in a child, its outcome as a ClaimResult."""
     from hostagent.errors import CommandError, HostagentError
     from hostagent.runner import run
 
-    argv = [sys.executable, "-m", "hostagent", "--config", config_path, "bootstrap", "--json"]
+    command = words[0]
+    argv = [sys.executable, "-m", "hostagent", "--config", config_path, *words]
     try:
         done = run(argv, timeout=timeout, ok_codes=range(-64, 256))
     except CommandError as exc:
         if exc.timed_out:
-            return parse_bootstrap_output(None, exc.stdout or "", exc.stderr or "")
-        return ClaimResult(exc.returncode, "bootstrap-failed", str(exc))
+            return parse_bootstrap_output(None, exc.stdout or "", exc.stderr or "", command)
+        return ClaimResult(exc.returncode, f"{command}-failed", str(exc))
     except HostagentError as exc:
-        return ClaimResult(None, "bootstrap-failed", str(exc))
-    return parse_bootstrap_output(done.returncode, done.stdout, done.stderr)
+        return ClaimResult(None, f"{command}-failed", str(exc))
+    return parse_bootstrap_output(done.returncode, done.stdout, done.stderr, command)
 
 
 def classify_claim(result: ClaimResult) -> str:
@@ -314,6 +329,174 @@ class VolumeClaim:
         if self.kind == REFUSED:
             return "refused"
         return "retrying" if self.kind else "pending"
+
+
+# -- capacity: grow the ext4 when its device grew; grow the volume when it fills up -----------
+
+
+def grow_timeout() -> float:
+    """How long one `hostagent grow` child may take: its lock wait and each of its phases."""
+    from hostagent.capacity import DEVICE_TIMEOUT, MODIFY_TIMEOUT, RESIZE_TIMEOUT, SNAPSHOT_MARGIN
+    from hostagent.lock import LOCK_WAIT_SECONDS
+
+    return LOCK_WAIT_SECONDS + SNAPSHOT_MARGIN + MODIFY_TIMEOUT + DEVICE_TIMEOUT + RESIZE_TIMEOUT
+
+
+def run_grow_child(config_path: str, size_gib: int, *, snapshot: bool,
+                   timeout: float) -> ClaimResult:
+    """`hostagent grow --size N --json` in a child, as bootstrap is run: boto3 stays out of the
+    agent, and the child takes the host lock like any command."""
+    words = ["grow", "--size", str(size_gib), "--json"] + ([] if snapshot else ["--no-snapshot"])
+    return run_hostagent_child(config_path, words, timeout)
+
+
+def _attempt(call: Callable[[Any], Any]) -> Callable[[Any], dict]:
+    """A Background call whose HostagentError becomes {"error", "hint"} (one line, no trace)."""
+    def attempt(request):
+        from hostagent.errors import HostagentError
+
+        try:
+            return {"ok": True, "detail": str(call(request) or "")}
+        except HostagentError as exc:
+            return {"error": str(exc), "hint": exc.hint, "reason": exc.reason}
+    return attempt
+
+
+class FilesystemGrow:
+    """When the volume's block device outgrew its mounted ext4 by more than 1% (a resize in the
+    console, a grow whose resize2fs did not run), resize2fs it online, in the background, under
+    the host lock; failures back off from one interval up to GROW_FS_RETRY_MAX."""
+
+    def __init__(self, grow: Callable[[str], str], *, interval: float,
+                 clock: Callable[[], float], wake: Callable[[], None]):
+        self.interval = float(interval)
+        self.clock = clock
+        self.backoff = Backoff(self.interval, GROW_FS_RETRY_MAX, clock)
+        self.job = Background(_attempt(grow), wake, name="hostagent-grow-fs")
+        self.wanted = None  # the MountedFs to grow, while the last round says it needs it
+
+    @property
+    def running(self) -> bool:
+        return self.job.running
+
+    def observe(self, fs) -> None:
+        """After each round: fs is the mounted volume's adapters.resize.MountedFs (or None)."""
+        from hostagent.capacity import gib
+
+        wanted = fs if fs is not None and fs.needs_grow else None
+        if wanted is not None and self.wanted is None:
+            log.info("filesystem: %s is %s, its ext4 %s: growing it online", fs.device,
+                     gib(fs.device_bytes), gib(fs.fs_bytes))
+        elif wanted is None and self.wanted is not None:
+            self.backoff.reset()
+        self.wanted = wanted
+
+    def start_if_due(self, blocked: bool = False) -> bool:
+        if self.wanted is None or blocked or self.job.busy or not self.backoff.is_due():
+            return False
+        return self.job.start(self.wanted.major_minor)
+
+    def wake_at(self) -> float | None:
+        return self.backoff.next_at if self.wanted is not None and not self.job.busy else None
+
+    def collect(self) -> str | None:
+        """A finished attempt: "grown" (look again at once), "failed", or None."""
+        done = self.job.take()
+        if done is None:
+            return None
+        answer = done[1] or {}
+        if answer.get("ok"):
+            self.backoff.succeeded(next_in=self.interval)
+            log.info("filesystem: %s", answer.get("detail") or "grown")
+            return "grown"
+        error = answer.get("error") or "unknown error"
+        if self.backoff.failed(error):
+            hint = f" (hint: {answer['hint']})" if answer.get("hint") else ""
+            log.info("filesystem: growing failed: %s%s; trying again in %.0fs", error, hint,
+                     self.backoff.remaining())
+        return "failed"
+
+    def text(self) -> str | None:
+        if self.job.busy:
+            return "fs"
+        return "fs-failed" if self.wanted is not None and self.backoff.error else None
+
+
+class AutoGrow:
+    """capacity.auto_grow: while free space is below grow_when_free_below, `hostagent grow` the
+    volume by grow_by_percent in a child (decided by capacity.decide_auto_grow: at most once per
+    6 h, counted from the record in the state dir, never past max_size_gib). A failed child is
+    tried again after AUTO_GROW_RETRY, doubling up to AUTO_GROW_RETRY_MAX."""
+
+    def __init__(self, decide: Callable[[Any], Any], grow: Callable[[int], ClaimResult], *,
+                 clock: Callable[[], float], wake: Callable[[], None]):
+        self.decide = decide
+        self.clock = clock
+        self.backoff = Backoff(AUTO_GROW_RETRY, AUTO_GROW_RETRY_MAX, clock)
+        self.job = Background(lambda size: grow(size), wake, name="hostagent-auto-grow")
+        self.decision = None  # capacity.AutoGrow of the last round
+        self._started_at = 0.0
+        self._target: int | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.job.running
+
+    def observe(self, fs) -> None:
+        decision = self.decide(fs) if fs is not None else None
+        old = self.decision
+
+        def key(d):  # the free percentage moves every round; log what auto-grow will do
+            return None if d is None else (d.action, d.target_gib, d.not_before)
+
+        if decision is not None and key(decision) != key(old) and (
+                decision.action in ("wait", "at-cap")
+                or (decision.action == "none" and old is not None and old.action != "none")):
+            log.info("capacity: %s", decision.reason)
+        self.decision = decision
+
+    def start_if_due(self, blocked: bool = False) -> bool:
+        d = self.decision
+        if d is None or d.action != "grow" or blocked or self.job.busy \
+                or not self.backoff.is_due():
+            return False
+        self._started_at, self._target = self.clock(), d.target_gib
+        log.info("capacity: growing the volume to %d GiB with `hostagent grow`", d.target_gib)
+        return self.job.start(d.target_gib)
+
+    def wake_at(self) -> float | None:
+        d = self.decision
+        if d is not None and d.action == "grow" and not self.job.busy:
+            return self.backoff.next_at
+        return None
+
+    def collect(self) -> str | None:
+        done = self.job.take()
+        if done is None:
+            return None
+        result = done[1]
+        if not isinstance(result, ClaimResult):
+            result = ClaimResult(None, "grow-failed", str((result or {}).get("error")))
+        took = self.clock() - self._started_at
+        if result.exit_code == 0:
+            self.backoff.succeeded()
+            log.info("capacity: grown to %s GiB by `hostagent grow` in %.1fs (%d step(s) done)",
+                     self._target, took, result.changed)
+            return "grown"
+        code = "timed out" if result.exit_code is None else f"exit {result.exit_code}"
+        self.backoff.failed(f"{result.reason}: {result.error}", cause=result.reason,
+                            since=self._started_at)
+        hint = f" (hint: {result.hint})" if result.hint else ""
+        log.info("capacity: `hostagent grow --size %s` %s (%s): %s%s; trying again in %.0fs "
+                 "at the earliest", self._target, code, result.reason, result.error, hint,
+                 self.backoff.remaining())
+        return "failed"
+
+    def text(self) -> str | None:
+        if self.job.busy:
+            return "volume"
+        d = self.decision
+        return "at-cap" if d is not None and d.action == "at-cap" else None
 
 
 # -- the AWS-side reconcilers: each adds its part to one worker call --------------------------

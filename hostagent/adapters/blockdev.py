@@ -257,6 +257,54 @@ def list_partitions(device: BlockDevice, sysfs_root: str = "/sys",
     return parts
 
 
+def device_path_of(major_minor: str, sysfs_root: str = "/sys") -> str | None:
+    """/dev path of a block device number, via /sys/dev/block (no udev needed)."""
+    try:
+        target = os.readlink(os.path.join(sysfs_root, "dev", "block", major_minor))
+    except OSError:
+        return None
+    return os.path.join("/dev", os.path.basename(target))
+
+
+def size_of(major_minor: str, sysfs_root: str = "/sys") -> int | None:
+    """The size in bytes the kernel shows now for a block device (sysfs `size`), or None."""
+    size = _read(os.path.join(sysfs_root, "dev", "block", major_minor, "size"))
+    return int(size) * SECTOR_BYTES if size and size.isdigit() else None
+
+
+def rescan_size(major_minor: str, sysfs_root: str = "/sys") -> list[str]:
+    """Ask the bus to re-read the device's size; returns the sysfs files written.
+
+    NVMe: `rescan_controller` of the namespace's controller (with native multipath, of each
+    controller of its subsystem) re-reads namespace sizes. Nitro reports a resized EBS volume by
+    an asynchronous event the kernel handles itself; this is for kernels that miss it. SCSI:
+    `device/rescan`. Xen blkfront picks up a new size from xenstore by itself, and a loop device
+    only after `losetup -c` by whoever grew its backing file: nothing to ask for those.
+    """
+    base = os.path.join(sysfs_root, "dev", "block", major_minor)
+    name = os.path.basename(os.path.realpath(base))
+    device = os.path.join(base, "device")
+    if name.startswith("nvme"):
+        targets = [os.path.join(device, "rescan_controller")]
+        targets += [os.path.join(device, c, "rescan_controller") for c in _listdir(device)
+                    if re.fullmatch(r"nvme\d+", c)]
+    elif name.startswith("sd"):
+        targets = [os.path.join(device, "rescan")]
+    else:
+        return []
+    written = []
+    for target in targets:
+        if not os.path.exists(target):
+            continue
+        try:
+            with open(target, "w", encoding="ascii") as f:
+                f.write("1")
+            written.append(target)
+        except OSError as exc:
+            log.debug("rescan %s: %s", target, exc)
+    return written
+
+
 def durable_identity(device: BlockDevice, proven_volume_id: str | None = None) -> str | None:
     """What makes this disk *this* disk across a crash, never its kernel name (a different disk
     can show up as loop3 or xvdf next time). The disk's own identity first: the EBS volume id

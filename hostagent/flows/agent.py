@@ -15,9 +15,10 @@ from typing import Any, Callable
 
 from hostagent.errors import EXIT_FAILED, EXIT_OK
 from hostagent.log import get_logger
-from hostagent.reconcilers import (CLAIMED, AgentView, Background, ClaimResult, EcsReport,
-                                   Metrics, SnapshotAge, VolumeClaim, call_aws_worker,
-                                   claim_timeout, run_bootstrap_child)
+from hostagent.reconcilers import (CLAIMED, AgentView, AutoGrow, Background, ClaimResult,
+                                   EcsReport, FilesystemGrow, Metrics, SnapshotAge, VolumeClaim,
+                                   call_aws_worker, claim_timeout, grow_timeout,
+                                   run_bootstrap_child, run_grow_child)
 from hostagent.report import Report, render_table
 
 log = get_logger("hostagent.agent")
@@ -44,6 +45,7 @@ class RoundResult:
     disk_used_percent: float | None
     couchdb: Any  # adapters.couchdb.Readiness
     posture: list = field(default_factory=list)
+    capacity: Any = None  # adapters.resize.MountedFs of the volume (None while it is missing)
 
 
 def decide_persistence(checks) -> str:
@@ -153,7 +155,8 @@ def decide_reason(result: RoundResult, claim_reason: str | None = None) -> str:
 
 
 def status_text(cur: RoundResult, ecs: str, snapshot_age: float | None, *,
-                reason: str | None = None, claim: str | None = None) -> str:
+                reason: str | None = None, claim: str | None = None,
+                grow: str | None = None) -> str:
     parts = [f"persistence={cur.persistence}"]
     if reason and cur.persistence != "ready":
         parts.append(f"reason={slug(reason)}")
@@ -167,6 +170,8 @@ def status_text(cur: RoundResult, ecs: str, snapshot_age: float | None, *,
         parts.append("warn=" + ",".join(warnings))
     if claim:
         parts.append(f"claim={claim}")
+    if grow:
+        parts.append(f"grow={grow}")
     parts.append(f"ecs={ecs}")
     return " ".join(parts)
 
@@ -180,7 +185,10 @@ class Agent:
 
     def __init__(self, config, *, notifier=None, clock: Callable[[], float] = time.monotonic,
                  aws_call: Callable[[dict], dict] = call_aws_worker, checks_fn=None,
-                 bootstrap: Callable[[], ClaimResult] | None = None):
+                 bootstrap: Callable[[], ClaimResult] | None = None,
+                 grow_fs: Callable[[str], str] | None = None,
+                 grow_volume: Callable[[int], ClaimResult] | None = None,
+                 decide_capacity: Callable[[Any], Any] | None = None):
         from hostagent.sdnotify import Notifier, watchdog_interval
 
         self.config = config
@@ -204,6 +212,17 @@ class Agent:
         self.volume = None if bootstrap is None else VolumeClaim(
             bootstrap, interval=self.interval, clock=clock, wake=self.wake,
             mount_point=config.filesystem.mount_point)
+        # Capacity: none without their runners (agent --once, unit tests); auto-grow only when
+        # capacity.auto_grow is on.
+        self.fs_grow = None if grow_fs is None else FilesystemGrow(
+            grow_fs, interval=self.interval, clock=clock, wake=self.wake)
+        if grow_volume is not None and config.capacity.auto_grow:
+            if decide_capacity is None:
+                from hostagent.checks import decide_capacity as decide
+                decide_capacity = lambda fs: decide(config, fs)  # noqa: E731
+            self.auto_grow = AutoGrow(decide_capacity, grow_volume, clock=clock, wake=self.wake)
+        else:
+            self.auto_grow = None
         self.ecs = EcsReport(config, interval=self.interval, clock=clock)
         self.snapshots = SnapshotAge(interval=self.interval, clock=clock)
         self.metrics = Metrics(config, interval=self.interval, clock=clock)
@@ -280,8 +299,13 @@ class Agent:
             self.ping_watchdog()
         else:
             posture = prev.posture
+        capacity = None
+        if persistence != "missing" and (self.fs_grow or self.auto_grow):
+            from hostagent.adapters.resize import observe_mounted
+
+            capacity = observe_mounted(mp)
         return RoundResult(datetime.now(timezone.utc), checks, persistence, find_volume_id(cfg),
-                           used, readiness, posture)
+                           used, readiness, posture, capacity)
 
     def reason(self, result: RoundResult | None = None) -> str | None:
         result = result or self.last
@@ -310,6 +334,9 @@ class Agent:
         self.last_round_at = self.clock()
         if self.volume is not None:
             self.volume.observe(result)
+        for reconciler in (self.fs_grow, self.auto_grow):
+            if reconciler is not None:
+                reconciler.observe(result.capacity)
         if self.ecs.enabled:
             self.ecs.look(self._session())
         self.metrics.observe(result, self.snapshots.age(result.wall))
@@ -350,9 +377,11 @@ class Agent:
     def publish_status(self) -> None:
         if self.last is None:
             return
+        grow = [r.text() for r in (self.fs_grow, self.auto_grow) if r is not None]
         text = status_text(self.last, self.ecs.text(self.desired_attributes()),
                            self.snapshots.age(), reason=self.reason(),
-                           claim=self.volume.text() if self.volume else None)
+                           claim=self.volume.text() if self.volume else None,
+                           grow=",".join(g for g in grow if g) or None)
         if not self.ready_sent:
             self.notifier.ready(text)
             self.ready_sent = True
@@ -388,6 +417,10 @@ class Agent:
                 ended = volume.collect() if volume is not None else None
                 if ended == CLAIMED or (ended and self.our_mount_changed()):
                     next_round = self.clock()
+                # A finished grow is looked at by a round at once (free space, sizes, checks).
+                grown = [r.collect() for r in (self.fs_grow, self.auto_grow) if r is not None]
+                if any(grown):
+                    next_round = self.clock()
                 now = self.clock()
                 if now >= next_round:
                     self.do_round()
@@ -398,13 +431,14 @@ class Agent:
                     break
                 if volume is not None:
                     volume.start_if_due()
+                self.start_grows()
                 self.dispatch_aws()
                 self.publish_status()
                 self.ping_watchdog()
                 wake_at = [next_round]
                 if self.watchdog_every is not None:
                     wake_at.append(self.last_ping + self.watchdog_every)
-                for reconciler in (self.ecs, volume):
+                for reconciler in (self.ecs, volume, self.fs_grow, self.auto_grow):
                     at = reconciler.wake_at() if reconciler is not None else None
                     if at is not None:
                         wake_at.append(at)
@@ -417,6 +451,17 @@ class Agent:
         finally:
             if mountinfo_fd is not None:
                 os.close(mountinfo_fd)
+
+    def start_grows(self) -> None:
+        """One change of the volume at a time: no grow while bootstrap claims it, and the
+        filesystem grow waits while a `hostagent grow` child (which grows it itself) runs."""
+        claiming = self.volume is not None and self.volume.running
+        auto, fs = self.auto_grow, self.fs_grow
+        if fs is not None:
+            fs.start_if_due(blocked=claiming or (auto is not None and auto.running))
+        if auto is not None:
+            auto.start_if_due(blocked=claiming or (fs is not None and (fs.running or
+                                                                      fs.wanted is not None)))
 
     def our_mount_changed(self) -> bool:
         return mount_signature(self.config.filesystem.mount_point) != self.mount_seen
@@ -510,7 +555,18 @@ def run(ctx, args) -> Report:
 
     config_path = ctx.config_path
     timeout = claim_timeout(config)
-    agent = Agent(config, bootstrap=lambda: run_bootstrap_child(config_path, timeout))
+
+    def grow_fs(major_minor: str) -> str:
+        from hostagent.flows.grow import grow_filesystem
+
+        return grow_filesystem(config, major_minor)
+
+    def grow_volume(size_gib: int) -> ClaimResult:
+        return run_grow_child(config_path, size_gib, timeout=grow_timeout(),
+                              snapshot=config.capacity.snapshot_before_grow)
+
+    agent = Agent(config, bootstrap=lambda: run_bootstrap_child(config_path, timeout),
+                  grow_fs=grow_fs, grow_volume=grow_volume)
     _log_to_stdout()
     received: list[str] = []
 
@@ -524,6 +580,11 @@ def run(ctx, args) -> Report:
              config.agent.interval, config.filesystem.mount_point,
              _redacted(config.couchdb.url), config.ecs.introspection_url or "off",
              f", watchdog every {agent.watchdog_every:.1f}s" if agent.watchdog_every else "")
+    cap = config.capacity
+    if cap.auto_grow:
+        log.info("auto-grow on: below %d%% free, by %d%% (at least +1 GiB), at most once per "
+                 "6 h, up to %d GiB%s", cap.grow_when_free_below, cap.grow_by_percent,
+                 cap.max_size_gib, "" if cap.snapshot_before_grow else ", without a snapshot")
     crashed: list[BaseException] = []
 
     def loop():

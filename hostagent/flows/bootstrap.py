@@ -1,5 +1,5 @@
 """bootstrap = observe → plan → apply: volume → device → format only if blank → fstab by UUID →
-mount → CouchDB layout.
+mount → CouchDB layout → grow the ext4 online when the device outgrew it.
 
 observe_host() looks at everything once (sysfs, the disk's evidence, mountinfo, fstab, state
 records) without changing anything; plan_bootstrap() is a pure function of that observation and
@@ -469,7 +469,31 @@ def plan_bootstrap(obs: HostObservation, config, side: VolumeSide) -> list[Step]
         steps.append(Step("mount", f"mount {dev.path} on {mp}", "not mounted",
                           op=("mount", {"uuid": fs_uuid})))
     steps.append(plan_layout(obs, config))
+    grow = plan_grow_fs(obs, will_format)
+    if grow is not None:
+        steps.append(grow)
     return steps
+
+
+def plan_grow_fs(obs: HostObservation, will_format: bool) -> Step | None:
+    """PURE: resize2fs the mounted ext4 when its device is more than 1% larger (the volume was
+    resized in the console, or by a grow whose resize2fs did not run); None when it covers the
+    device. Last, after the layout: a failed grow leaves the volume mounted and laid out."""
+    from hostagent.capacity import fs_needs_grow, gib
+
+    sb, dev = obs.superblock, obs.device
+    if will_format or sb is None or not fs_needs_grow(dev.size_bytes, sb.size_bytes):
+        return None
+    action = f"resize2fs {dev.path} ({gib(sb.size_bytes)} -> {gib(dev.size_bytes)}, online)"
+    if obs.mounted is not None and sb.records_errors:
+        return Step("grow-fs", action, "the superblock records errors: not grown until e2fsck "
+                                       "has checked it (unmounted)")
+    if obs.mounted is not None and obs.mounted.read_only:
+        return Step("grow-fs", action, "mounted read-only: resize2fs needs a read-write mount")
+    grown = 100.0 * (dev.size_bytes - sb.size_bytes) / sb.size_bytes
+    return Step("grow-fs", action, f"the device is {grown:.0f}% larger than its ext4 (the volume "
+                                   "was resized); grown online, never shrunk",
+                op=("grow-fs", {"major_minor": dev.major_minor}))
 
 
 def plan_filesystem(obs: HostObservation, config, side: VolumeSide) -> tuple[Step, str]:
@@ -744,10 +768,15 @@ def executors(config, aws, side: VolumeSide, obs: HostObservation | None) -> dic
             raise
         return "; ".join(changed) if changed else Unchanged("already laid out")
 
+    def grow_fs(args) -> str:
+        from hostagent.adapters.resize import grow_ext4_online
+
+        return grow_ext4_online(mp, args["major_minor"])
+
     return {"attach": attach, "remove-view": remove_view, "fsck": fsck, "mkfs": mkfs,
             "forget-intent": forget_intent, "tag": tag, "write-fstab": write_fstab,
             "mkdir": mkdir, "guard": guard, "guard-under": guard_under, "mount": mount,
-            "layout": layout}
+            "layout": layout, "grow-fs": grow_fs}
 
 
 def record_volume(config, side: VolumeSide, obs: HostObservation, fs_uuid: str | None) -> None:

@@ -183,15 +183,20 @@ class ProgressPrinter:
         self.started = time.monotonic()
 
     def __call__(self, record: SnapshotRecord) -> None:
+        self.show(f"{record.id}: {record.state} {record.progress or '0%'}",
+                  key=(record.state, record.progress), final=record.state != "pending")
+
+    def show(self, text: str, *, key=None, final: bool = False) -> None:
+        """One progress line (the elapsed time added): rewritten in place on a terminal until
+        final; elsewhere printed only when key (default: the text) changes."""
         elapsed = int(time.monotonic() - self.started)
-        text = f"{record.id}: {record.state} {record.progress or '0%'} ({elapsed}s)"
+        key = text if key is None else key
         if self.tty:
-            end = "\n" if record.state != "pending" else ""
-            self.stream.write(f"\r\033[K{text}{end}")
-        elif (record.state, record.progress) != self.last:
-            self.stream.write(text + "\n")
+            self.stream.write(f"\r\033[K{text} ({elapsed}s)" + ("\n" if final else ""))
+        elif key != self.last:
+            self.stream.write(f"{text} ({elapsed}s)\n")
         self.stream.flush()
-        self.last = (record.state, record.progress)
+        self.last = key
 
 
 def _record_json(record: SnapshotRecord, region: str | None = None, reasons=None) -> dict:
@@ -204,6 +209,63 @@ def _record_json(record: SnapshotRecord, region: str | None = None, reasons=None
     return item
 
 
+def snapshot_step(config, aws, volume, state: dict, *, clock: Callable[[], datetime],
+                  extra_tags: dict[str, str] | None = None, why: str = "") -> Step:
+    """The `snapshot` step of the volume: its checks now (the frozen mount point is the volume,
+    FIFREEZE works), CreateSnapshot when run, frozen around the call alone when snapshot.freeze.
+    The new id goes to state["snapshot_id"]. `snapshot` and `grow` (extra_tags say why it was
+    taken) share it, and the caller holds the host lock."""
+    from hostagent.aws import snapshots as snaps
+
+    freeze_on = config.snapshot.freeze
+    mp = config.filesystem.mount_point
+    if freeze_on:
+        from hostagent.freeze import check_can_freeze
+
+        check_frozen_is_the_volume(config, volume, aws.identity)
+        check_can_freeze(mp)
+    consistency = snaps.FROZEN if freeze_on else snaps.CRASH
+
+    def take_snapshot() -> str:
+        taken = clock()
+        tags = snaps.fit_tags({**snaps.snapshot_tags(volume.volume_id, volume.tags, consistency,
+                                                     taken), **(extra_tags or {})})
+        description = f"hostagent {consistency} snapshot of {volume.volume_id}" + (
+            f" {why}" if why else "")
+        if not freeze_on:
+            state["snapshot_id"] = snaps.create_snapshot(aws.ec2, volume.volume_id, tags,
+                                                         description)
+            return state["snapshot_id"] + " (crash-consistent)"
+        from hostagent.aws.ready import ready_for_call
+        from hostagent.freeze import frozen, sync_filesystem
+
+        # Only the CreateSnapshot call runs frozen: the sync, the client's credentials and
+        # connection, and the armed watchdog are all ready before FIFREEZE.
+        synced_in = sync_filesystem(mp)
+        with ready_for_call(aws.ec2, "CreateSnapshot", volume_id=volume.volume_id,
+                            idle_for=synced_in), \
+                frozen(mp, timeout=config.snapshot.freeze_timeout, sync=False) as outcome:
+            state["snapshot_id"] = snaps.create_snapshot(aws.ec2, volume.volume_id, tags,
+                                                         description)
+        if outcome.watchdog_fired:
+            # The point in time may have been taken after the watchdog thawed: say so.
+            snaps.set_tags(aws.ec2, state["snapshot_id"], {snaps.CONSISTENCY_KEY: snaps.CRASH})
+            log.warning("%s: the freeze watchdog thawed %s before CreateSnapshot returned; "
+                        "tagged %s=crash", state["snapshot_id"], mp, snaps.CONSISTENCY_KEY)
+            return f"{state['snapshot_id']} (watchdog thawed first after " \
+                   f"{config.snapshot.freeze_timeout}s: tagged crash)"
+        return f"{state['snapshot_id']} (frozen {outcome.frozen_seconds:.3f}s)"
+
+    if freeze_on:
+        action = f"sync; FIFREEZE {mp}; CreateSnapshot {volume.volume_id}; FITHAW {mp}"
+        reason = (f"consistent: writes paused only for the API call; a watchdog thaws after "
+                  f"{config.snapshot.freeze_timeout}s whatever happens")
+    else:
+        action = f"CreateSnapshot {volume.volume_id}"
+        reason = "snapshot.freeze = false: crash-consistent (tagged crash)"
+    return Step("snapshot", action, f"{why}; {reason}" if why else reason, run=take_snapshot)
+
+
 def run_snapshot(ctx, args, *, aws=None, now: Callable[[], datetime] | None = None,
                  progress_stream=None) -> Report:
     from hostagent.aws import snapshots as snaps
@@ -214,47 +276,12 @@ def run_snapshot(ctx, args, *, aws=None, now: Callable[[], datetime] | None = No
     aws = make_aws(aws)
     clock = now or (lambda: datetime.now(timezone.utc))
     dry_run = getattr(args, "dry_run", False)
-    freeze_on = config.snapshot.freeze
-    mp = config.filesystem.mount_point
     lock = contextlib.nullcontext() if dry_run else host_lock(config.host.lock_file)
     state: dict = {}
 
     with lock:
         volume = find_configured_volume(config, aws)
-        if freeze_on:
-            from hostagent.freeze import check_can_freeze
-
-            check_frozen_is_the_volume(config, volume, aws.identity)
-            check_can_freeze(mp)
-        consistency = snaps.FROZEN if freeze_on else snaps.CRASH
-
-        def take_snapshot() -> str:
-            taken = clock()
-            tags = snaps.snapshot_tags(volume.volume_id, volume.tags, consistency, taken)
-            description = f"hostagent {consistency} snapshot of {volume.volume_id}"
-            if not freeze_on:
-                state["snapshot_id"] = snaps.create_snapshot(aws.ec2, volume.volume_id, tags,
-                                                             description)
-                return state["snapshot_id"] + " (crash-consistent)"
-            from hostagent.aws.ready import ready_for_call
-            from hostagent.freeze import frozen, sync_filesystem
-
-            # Only the CreateSnapshot call runs frozen: the sync, the client's credentials and
-            # connection, and the armed watchdog are all ready before FIFREEZE.
-            synced_in = sync_filesystem(mp)
-            with ready_for_call(aws.ec2, "CreateSnapshot", volume_id=volume.volume_id,
-                                idle_for=synced_in), \
-                    frozen(mp, timeout=config.snapshot.freeze_timeout, sync=False) as outcome:
-                state["snapshot_id"] = snaps.create_snapshot(aws.ec2, volume.volume_id, tags,
-                                                             description)
-            if outcome.watchdog_fired:
-                # The point in time may have been taken after the watchdog thawed: say so.
-                snaps.set_tags(aws.ec2, state["snapshot_id"], {snaps.CONSISTENCY_KEY: snaps.CRASH})
-                log.warning("%s: the freeze watchdog thawed %s before CreateSnapshot returned; "
-                            "tagged %s=crash", state["snapshot_id"], mp, snaps.CONSISTENCY_KEY)
-                return f"{state['snapshot_id']} (watchdog thawed first after " \
-                       f"{config.snapshot.freeze_timeout}s: tagged crash)"
-            return f"{state['snapshot_id']} (frozen {outcome.frozen_seconds:.3f}s)"
+        snapshot = snapshot_step(config, aws, volume, state, clock=clock)
 
         def wait() -> str:
             record = snaps.wait_until_completed(
@@ -275,14 +302,7 @@ def run_snapshot(ctx, args, *, aws=None, now: Callable[[], datetime] | None = No
             state["deleted"] = [i for o in outcomes for i in o.deleted]
             return "; ".join(o.summary(False) for o in outcomes)
 
-        if freeze_on:
-            action = f"sync; FIFREEZE {mp}; CreateSnapshot {volume.volume_id}; FITHAW {mp}"
-            reason = (f"consistent: writes paused only for the API call; a watchdog thaws after "
-                      f"{config.snapshot.freeze_timeout}s whatever happens")
-        else:
-            action = f"CreateSnapshot {volume.volume_id}"
-            reason = "snapshot.freeze = false: crash-consistent (tagged crash)"
-        steps = [Step("snapshot", action, reason, run=take_snapshot)]
+        steps = [snapshot]
         if getattr(args, "wait", False):
             steps.append(Step("wait", f"poll DescribeSnapshots until completed (at most "
                                       f"{WAIT_TIMEOUT / 3600:.0f} h)", "--wait", run=wait))

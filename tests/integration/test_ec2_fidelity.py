@@ -316,3 +316,56 @@ def test_create_snapshot_has_no_client_token_to_play(ec2):
     """Not played: EC2's CreateSnapshot takes no ClientToken (botocore refuses the parameter)."""
     with pytest.raises(ParamValidationError):
         ec2.create_snapshot(VolumeId="vol-0123456789abcdef0", ClientToken="t")
+
+
+def test_raw_moto_shrinks_and_modifies_without_limit(aws):
+    """What the layer is for: moto alone accepts a smaller size and back-to-back modifications."""
+    raw = boto3.client("ec2", region_name=REGION)
+    vid = make_volume(raw, Size=4)
+    raw.modify_volume(VolumeId=vid, Size=2)
+    raw.modify_volume(VolumeId=vid, Size=8)
+    assert describe(raw, vid)["Size"] == 8
+
+
+def test_modify_volume_refuses_a_shrink_and_a_second_modification(ec2, fidelity):
+    vid = make_volume(ec2, Size=4)
+    with pytest.raises(ClientError) as shrink:
+        ec2.modify_volume(VolumeId=vid, Size=2)
+    assert error_of(shrink) == (400, "InvalidParameterValue")
+    assert ec2.modify_volume(VolumeId=vid, Size=6)["VolumeModification"]["TargetSize"] == 6
+    with pytest.raises(ClientError) as again:
+        ec2.modify_volume(VolumeId=vid, Size=8)
+    assert error_of(again) == (400, "VolumeModificationRateExceeded")
+    assert describe(ec2, vid)["Size"] == 6
+    fidelity.modification_cooldown(0)
+    ec2.modify_volume(VolumeId=vid, Size=8)
+    assert describe(ec2, vid)["Size"] == 8
+
+
+def test_modification_is_modifying_then_optimizing_then_completed(ec2, fidelity):
+    grown = []
+    fidelity.modifying_for(0.6, 0.6)
+    fidelity.on_volume_grown(lambda vid, size: grown.append((vid, size, time.monotonic())))
+    vid = make_volume(ec2, Size=4)
+    start = time.monotonic()
+    answer = ec2.modify_volume(VolumeId=vid, Size=6)["VolumeModification"]
+    assert answer["ModificationState"] == "modifying" and grown == []
+
+    def state():
+        [mod] = ec2.describe_volumes_modifications(VolumeIds=[vid])["VolumesModifications"]
+        return mod["ModificationState"]
+
+    assert state() == "modifying"
+    at(start, 0.8)
+    assert state() == "optimizing"
+    assert [(v, s) for v, s, _ in grown] == [(vid, 6)] and grown[0][2] - start >= 0.55
+    at(start, 1.4)
+    assert state() == "completed"
+
+
+def test_volume_grows_before_modify_volume_answers_without_a_window(ec2, fidelity):
+    grown = []
+    fidelity.on_volume_grown(lambda vid, size: grown.append((vid, size)))
+    vid = make_volume(ec2, Size=4)
+    ec2.modify_volume(VolumeId=vid, Size=5)
+    assert grown == [(vid, 5)]

@@ -29,6 +29,14 @@ Plays, each switched on from the test through EC2Fidelity's methods:
 - DetachVolume without InstanceId names the single holder (moto answers HTTP 500).
 - DescribeVolumes filters status / attachment.status / attachment.instance-id / attachment.device
   and DescribeSnapshots filters status / progress are applied here, after the rewriting above.
+- ModifyVolume (size): a smaller size -> 400 InvalidParameterValue (moto shrinks); a second
+  modification of a volume within modification_cooldown (default 6 h, as EC2's API reference
+  states it) -> 400 VolumeModificationRateExceeded. modifying_for(m, o): a modification is listed
+  `modifying` for m seconds, then `optimizing` for o, then moto's `completed`.
+- on_volume_grown(callback): EC2's other side, the disk: callback(volume_id, size_gib) once a
+  modification reaches `optimizing` (at once when modifying_for is 0, before ModifyVolume
+  answers), where the test grows the volume's block device (a loop device: its backing file,
+  then `losetup -c`), as the Nitro card grows the NVMe namespace.
 - calls: every EC2 call seen (action, params, HTTP status), for "no AttachVolume was made" checks.
 
 Does not play (moto's behaviour stands):
@@ -173,6 +181,11 @@ class EC2Fidelity(LoopbackServer):
         self._pending_for = 0.0
         self._throttles: dict[str, int] = {}
         self._tokens: dict[str, tuple[list, bytes]] = {}  # CreateVolume ClientToken
+        self._cooldown = 6 * 3600.0
+        self._modifying, self._optimizing = 0.0, 0.0
+        self._modified: dict[str, float] = {}  # volume id -> monotonic time of its last ModifyVolume
+        self._windows: dict[tuple[str, str], tuple[float, float, float]] = {}
+        self._on_grown = None
         self.serve(self._handler_class(), host, port)
 
     @property
@@ -211,6 +224,15 @@ class EC2Fidelity(LoopbackServer):
 
     def snapshots_pending_for(self, seconds: float) -> None:
         self._pending_for = seconds
+
+    def modification_cooldown(self, seconds: float) -> None:
+        self._cooldown = seconds
+
+    def modifying_for(self, modifying: float, optimizing: float = 0.0) -> None:
+        self._modifying, self._optimizing = modifying, optimizing
+
+    def on_volume_grown(self, callback) -> None:
+        self._on_grown = callback
 
     def throttle(self, action: str, n: int = 1) -> None:
         with self._lock:
@@ -490,6 +512,62 @@ class EC2Fidelity(LoopbackServer):
             if token:
                 self._tokens[token] = (asked, reply.body)
         return reply
+
+    # Volume modifications.
+    def _do_ModifyVolume(self, params, first, headers, path) -> Reply:
+        vid = first.get("VolumeId", "")
+        volume, _ = self._volume(headers, vid)
+        size = first.get("Size")
+        if volume is not None and size and int(size) < int(text(volume, "size") or 0):
+            raise ec2_error(400, "InvalidParameterValue",
+                            "New size cannot be smaller than existing size")
+        last = self._modified.get(vid)
+        if last is not None and time.monotonic() - last < self._cooldown:
+            raise ec2_error(400, "VolumeModificationRateExceeded",
+                            "You've reached the maximum modification rate per volume limit. Wait "
+                            "at least 6 hours between modifications per EBS volume.")
+        reply = self._forward("POST", path, headers, urlencode(params).encode())
+        if reply.status != 200:
+            return reply
+        now = time.monotonic()
+        self._modified[vid] = now
+        root = ET.fromstring(reply.body)
+        mod = root.find(q("volumeModification"))
+        start = text(mod, "startTime")
+        self._windows[(vid, start)] = (now, self._modifying, self._optimizing)
+        if size and self._on_grown is not None:
+            if self._modifying <= 0:
+                self._on_grown(vid, int(size))
+            else:
+                timer = threading.Timer(self._modifying, self._on_grown, (vid, int(size)))
+                timer.daemon = True
+                timer.start()
+        if self._modifying > 0:
+            mod.find(q("modificationState")).text = "modifying"
+            mod.find(q("progress")).text = "0"
+            return xml_reply(root)
+        return reply
+
+    def _do_DescribeVolumesModifications(self, params, first, headers, path) -> Reply:
+        reply = self._forward("POST", path, headers, urlencode(params).encode())
+        if reply.status != 200 or not self._windows:
+            return reply
+        root, now = ET.fromstring(reply.body), time.monotonic()
+        for item in root.iter(q("item")):
+            window = self._windows.get((text(item, "volumeId"), text(item, "startTime")))
+            if window is None:
+                continue
+            began, modifying, optimizing = window
+            if now < began + modifying:
+                state, progress = "modifying", int(50 * (now - began) / modifying)
+            elif now < began + modifying + optimizing:
+                state = "optimizing"
+                progress = 50 + int(50 * (now - began - modifying) / optimizing)
+            else:
+                continue
+            item.find(q("modificationState")).text = state
+            item.find(q("progress")).text = str(progress)
+        return xml_reply(root)
 
     # Snapshots.
     def _pending_state(self, snapshot_id: str, now: float) -> tuple[str, str] | None:

@@ -448,3 +448,46 @@ def test_admin_command_layout_matches_linux_nvme_ioctl_h():
     assert packed[36:40] == (4096).to_bytes(4, "little")
     assert packed[40:44] == (1).to_bytes(4, "little")  # CNS=1: Identify Controller
     assert NVME_IOCTL_ADMIN_CMD == 0xC0484E41
+
+
+def fake_disk(sysfs: Path, name: str, dev: str, sectors: int, device_files=(), subdirs=()) -> Path:
+    """/sys/devices/…/block/<name> with its `device` directory, and /sys/dev/block/<dev> -> it."""
+    base = sysfs / "devices" / "pci" / "block" / name
+    (base / "device").mkdir(parents=True)
+    (base / "size").write_text(f"{sectors}\n")
+    for f in device_files:
+        (base / "device" / f).write_text("")
+    for d in subdirs:
+        (base / "device" / d).mkdir()
+        (base / "device" / d / "rescan_controller").write_text("")
+    (sysfs / "dev" / "block").mkdir(parents=True, exist_ok=True)
+    (sysfs / "dev" / "block" / dev).symlink_to(base)
+    return base
+
+
+def test_size_of_reads_the_size_the_kernel_shows_now(tmp_path):
+    from hostagent.adapters.blockdev import device_path_of, size_of
+
+    fake_disk(tmp_path, "nvme1n1", "259:1", 2 * 16 * 1024 * 1024)
+    assert size_of("259:1", sysfs_root=str(tmp_path)) == 16 << 30
+    assert size_of("259:9", sysfs_root=str(tmp_path)) is None
+    assert device_path_of("259:1", sysfs_root=str(tmp_path)) == "/dev/nvme1n1"
+
+
+@pytest.mark.parametrize("name, files, subdirs, written", [
+    ("nvme1n1", ["rescan_controller"], [], ["rescan_controller"]),  # the namespace's controller
+    ("nvme1n1", [], ["nvme1", "nvme4"], ["nvme1/rescan_controller", "nvme4/rescan_controller"]),
+    ("sdf", ["rescan"], [], ["rescan"]),  # SCSI
+    ("xvdf", ["rescan"], [], []),  # Xen blkfront sees the new size by itself
+    ("loop3", [], [], []),  # a loop device: only `losetup -c` by whoever grew its file
+])
+def test_rescan_size_asks_only_the_buses_that_need_asking(tmp_path, name, files, subdirs,
+                                                          written):
+    from hostagent.adapters.blockdev import rescan_size
+
+    base = fake_disk(tmp_path, name, "259:1", 100, files, subdirs)
+    done = rescan_size("259:1", sysfs_root=str(tmp_path))
+    assert [os.path.relpath(p, tmp_path / "dev" / "block" / "259:1" / "device") for p in done] \
+        == written
+    for rel in written:
+        assert (base / "device" / rel).read_text() == "1"

@@ -205,6 +205,8 @@ def test_scanner_sees_the_calls_in_the_aws_modules():
     assert "hostagent/aws/volume.py" in found["ec2:CreateVolume"]
     assert "hostagent/aws/snapshots.py" in found["ec2:CopySnapshot"]  # ec2_dest.copy_snapshot
     assert "hostagent/aws/s3.py" in found["s3:GetObject"]
+    assert "hostagent/aws/modify.py" in found["ec2:ModifyVolume"]
+    assert "hostagent/aws/modify.py" in found["ec2:DescribeVolumesModifications"]
 
 
 def test_every_aws_call_in_the_code_is_allowed_by_the_policy():
@@ -253,6 +255,13 @@ def test_policy_keeps_its_guards():
     [instance_attach] = [s for s in allows("ec2:AttachVolume") if s not in volume_attach]
     assert instance_attach["Resource"] == "arn:aws:ec2:*:*:instance/*"
     assert instance_attach["Condition"] == {"StringLike": {"aws:userid": "*:${ec2:InstanceID}"}}
+    # Growing is for the persistence volume only; Describe* take no resource-level permission.
+    [modify] = allows("ec2:ModifyVolume")
+    assert modify["Resource"] == "arn:aws:ec2:*:*:volume/*"
+    assert modify["Condition"] == {"StringEquals": {"aws:ResourceTag/Name":
+                                                    "grand-central-persistence"}}
+    assert as_list(modify["Action"]) == ["ec2:ModifyVolume"]
+    assert all(s["Resource"] == "*" for s in allows("ec2:DescribeVolumesModifications"))
     for s in allows("cloudwatch:PutMetricData"):
         assert s["Condition"]["StringEquals"]["cloudwatch:namespace"] == "hostagent"
     for s in allows("s3:GetObject"):
