@@ -81,13 +81,17 @@ def qmp(socket_path: Path, command: str, arguments: dict) -> dict:
 def boot(name: str, *, image: Image, root_disk: Path, seed_iso: Path, data_disk: Path | None,
          volume_serial: str | None, moto_port: int, imds_port: int, workdir: Path,
          cmdline_extra: dict[str, str], timeout: float = 600,
-         plug_when: Callable[[], bool] | None = None) -> Boot:
+         plug_when: Callable[[], bool] | None = None,
+         watch: Callable[[float], None] | None = None) -> Boot:
     """Boot until the guest powers itself off (vmtest-report.service) or the timeout passes.
 
+    moto_port is the loopback port of the AWS endpoint the guest talks to: moto itself, or the
+    EC2 fidelity proxy in front of it (tests/support/ec2_fidelity.py).
     With plug_when, the data disk is not there at power-on: it is hot-plugged (PCI, as EC2
     plugs an NVMe EBS volume) once plug_when() is true, i.e. once AttachVolume has attached
     the volume to this instance in moto. Without it, the disk is there from power-on, as for a
-    volume that was already attached when the instance started."""
+    volume that was already attached when the instance started. watch(seconds since power-on)
+    is called about once a second while the VM runs: the test's side of a boot (EC2 events)."""
     accel, cpu = accelerator()
     console = workdir / f"{name}.console.log"
     report_log = workdir / f"{name}.report.log"
@@ -140,6 +144,9 @@ def boot(name: str, *, image: Image, root_disk: Path, seed_iso: Path, data_disk:
                     answer = qmp(control, "device_add", nvme)
                     plugged_at = time.monotonic() - started
                     log.write(f"[vm] NVMe disk hot-plugged at {plugged_at:.0f} s: {answer}\n")
+                    log.flush()
+                if watch is not None:
+                    watch(time.monotonic() - started)
                 time.sleep(1)
         finally:
             if proc.poll() is None:

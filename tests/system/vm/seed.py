@@ -51,19 +51,32 @@ ethernets:
 """
 
 
-def user_data_mime(shipped: str) -> str:
+def config_appendix(toml: str) -> str:
+    """A write_files entry appending TOML tables to the shipped /etc/hostagent/hostagent.toml (it
+    comes after the shipped entry in the merged list, so the file exists by then)."""
+    body = "".join(f"      {line}\n" for line in toml.splitlines())
+    return ("  - path: /etc/hostagent/hostagent.toml\n"
+            "    append: true\n"
+            "    content: |\n"
+            "      # VM test only, appended to the shipped configuration:\n" + body)
+
+
+def user_data_mime(shipped: str, hostagent_toml_extra: str = "") -> str:
+    test_part = TEST_PART + (config_appendix(hostagent_toml_extra) if hostagent_toml_extra else "")
     msg = MIMEMultipart()
-    for name, body in (("user-data.yaml", shipped), ("vmtest-endpoints.yaml", TEST_PART)):
+    for name, body in (("user-data.yaml", shipped), ("vmtest-endpoints.yaml", test_part)):
         part = MIMEText(body, "cloud-config")
         part.add_header("Content-Disposition", "attachment", filename=name)
         msg.attach(part)
     return msg.as_string()
 
 
-def make_seed(directory: Path, *, instance_id: str, shipped_user_data: str) -> Path:
-    """seed.iso (volume label cidata) with meta-data naming the EC2 instance id, as EC2 would."""
+def make_seed(directory: Path, *, instance_id: str, shipped_user_data: str,
+              hostagent_toml_extra: str = "") -> Path:
+    """seed.iso (volume label cidata) with meta-data naming the EC2 instance id, as EC2 would;
+    hostagent_toml_extra: TOML tables the test adds to the shipped hostagent.toml (e.g. [agent])."""
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "user-data").write_text(user_data_mime(shipped_user_data))
+    (directory / "user-data").write_text(user_data_mime(shipped_user_data, hostagent_toml_extra))
     (directory / "meta-data").write_text(f"instance-id: {instance_id}\nlocal-hostname: vmtest\n")
     (directory / "network-config").write_text(NETWORK_CONFIG)
     iso = directory / "seed.iso"

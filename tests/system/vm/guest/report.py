@@ -5,7 +5,9 @@ serial port (/dev/ttyS1, a file on the host). The unit then powers the VM off.
 Kernel command line: vmtest.scenario=NAME, vmtest.marker=write|check|none, vmtest.token=TEXT,
 vmtest.snapshot=1, vmtest.runbook=remount (the operator's maintenance step for a host set up by
 hand: umount the volume, run `hostagent bootstrap`), vmtest.expect=VALUE (wait for the ECS
-attribute to reach VALUE, not just to appear).
+attribute to reach VALUE, not just to appear), vmtest.wait_for=VALUE (before looking at
+anything, wait for the attribute to reach VALUE, noting each value it took on the way: a host
+whose volume the agent claims after boot).
 Runs with /opt/hostagent/bin/python, for boto3 (to read the ECS attributes back from moto).
 """
 
@@ -23,7 +25,9 @@ MARKER = f"{MOUNT_POINT}/data/vmtest-marker"
 ROOT_VIEW = "/run/vmtest-rootview"  # / bind-mounted: shows what lies under the mount point
 INTROSPECTION = "http://127.0.0.1:51678/v1/metadata"
 ATTRIBUTE = "hostagent.persistence"
+REASON = "hostagent.reason"
 ATTRIBUTE_WAIT = 180  # seconds for the agent's first report to reach ECS
+CLAIM_WAIT = 300  # seconds for vmtest.wait_for (the volume is released by the test meanwhile)
 UNITS = ("hostagent-bootstrap.service", "hostagent.service", "ecs.service", "opt-couchdb.mount",
          "cloud-final.service", "hostagent-snapshot.timer", "hostagent-snapshot.service",
          "network-online.target")
@@ -117,12 +121,14 @@ def marker(action: str, token: str) -> dict:
     return {}
 
 
-def ecs_attributes(deadline: float, expect: str | None) -> dict:
+def ecs_attributes(deadline: float, expect: str | None, history: list | None = None,
+                   pause: float = 3) -> dict:
     """The container instance the (stand-in) ECS agent registered, and its attributes in ECS,
-    waiting until hostagent has put hostagent.persistence there (with the value `expect`)."""
+    waiting until hostagent has put hostagent.persistence there (with the value `expect`).
+    history, if given, gets [uptime, persistence, reason] each time that pair changes."""
     import boto3
 
-    arn = cluster = None
+    arn = cluster = ecs = None
     seen: list = []
     while time.monotonic() < deadline:
         try:
@@ -132,15 +138,19 @@ def ecs_attributes(deadline: float, expect: str | None) -> dict:
         except OSError:
             arn = None
         if arn:
-            ecs = boto3.client("ecs", region_name=arn.split(":")[3])
+            ecs = ecs or boto3.client("ecs", region_name=arn.split(":")[3])
             # moto ignores attributeName alone: list all and filter here.
             seen = [a for a in ecs.list_attributes(cluster=cluster,
                                                    targetType="container-instance")["attributes"]
                     if a.get("targetId") in (arn, arn.split("/")[-1])]
+            values = {a["name"]: a.get("value") for a in seen}
+            now = [values.get(ATTRIBUTE), values.get(REASON)]
+            if history is not None and now[0] and (not history or history[-1][1:] != now):
+                history.append([uptime(), *now])
             if any(a["name"] == ATTRIBUTE and (expect is None or a.get("value") == expect)
                    for a in seen):
                 break
-        time.sleep(3)
+        time.sleep(pause)
     return {"arn": arn, "cluster": cluster,
             "attributes": {a["name"]: a.get("value") for a in seen},
             "waited_until_uptime": uptime()}
@@ -150,6 +160,11 @@ def main() -> None:
     started = uptime()
     args = cmdline()
     report: dict = {"scenario": args.get("scenario"), "cmdline": args, "report_started": started}
+    if args.get("wait_for"):
+        history: list = []
+        report["claim"] = ecs_attributes(time.monotonic() + CLAIM_WAIT, args["wait_for"],
+                                         history, pause=1)
+        report["claim"]["history"] = history
     if args.get("runbook") == "remount":
         report["runbook"] = {
             "fstab_before": open("/etc/fstab").read(),
@@ -185,6 +200,13 @@ def main() -> None:
     report["journal"] = {
         u: sh("journalctl", "-b", "-u", u, "-o", "cat", "--no-pager")["out"][-20000:]
         for u in ("hostagent-bootstrap.service", "hostagent.service", "ecs.service")}
+    # The same with seconds since boot, for timelines: the agent's and the kernel's (hot-plug).
+    report["journal_monotonic"] = {
+        "hostagent.service": sh("journalctl", "-b", "-u", "hostagent.service", "-o",
+                                "short-monotonic", "--no-pager")["out"][-20000:],
+        "kernel": "\n".join(line for line in sh("journalctl", "-b", "-k", "-o", "short-monotonic",
+                                                 "--no-pager")["out"].splitlines()
+                            if "nvme" in line)[-8000:]}
     report["files"] = {p: open(p).read() if os.path.exists(p) else None
                        for p in ("/etc/hostagent/hostagent.toml", "/etc/ecs/ecs.config",
                                  "/etc/default/hostagent", "/etc/fstab.hostagent.bak")}
