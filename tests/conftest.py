@@ -109,6 +109,16 @@ def fidelity(aws, monkeypatch):
 
 
 @pytest.fixture
+def introspection():
+    """A stand-in for the ECS agent's introspection API (cluster "gc"), on loopback."""
+    from tests.support.ecs_introspection import IntrospectionServer
+
+    srv = IntrospectionServer(cluster="gc").start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
 def imds(monkeypatch):
     """Factory for an IMDSv2 test server; sets AWS_EC2_METADATA_SERVICE_ENDPOINT to it."""
     from tests.support.imds import IMDSServer

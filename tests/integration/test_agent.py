@@ -16,7 +16,6 @@ from datetime import datetime, timezone
 
 import pytest
 
-from tests.support.ecs_introspection import IntrospectionServer
 from tests.support.hosttools import need_tool, sh
 from tests.support.pouchdb import pouchdb  # noqa: F401 (fixture)
 
@@ -155,13 +154,6 @@ def rss_mb(pid: int) -> float:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
     return 0.0
-
-
-@pytest.fixture
-def introspection():
-    srv = IntrospectionServer(cluster="gc").start()
-    yield srv
-    srv.stop()
 
 
 def test_agent_under_notify_socket_reports_ready_then_missing_and_exits_cleanly(

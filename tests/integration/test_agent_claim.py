@@ -20,7 +20,7 @@ import pytest
 
 from tests.integration.test_agent import (REPO, Lines, NotifyListener, ecs_attributes, line_time,
                                           wait_for)
-from tests.support.ecs_introspection import IntrospectionServer
+from tests.support.ecs_introspection import register_with_ecs
 from tests.support.hosttools import need_root, need_tool, sh, sha256_of_device
 
 pytestmark = pytest.mark.root
@@ -28,18 +28,9 @@ AZ = "us-east-1a"
 
 
 @pytest.fixture
-def introspection():
-    srv = IntrospectionServer(cluster="gc").start()
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture
 def host(fidelity, imds, introspection):
     """This instance and another one in moto's EC2, the IMDS answering for this one, and this
     one registered with ECS (the introspection stand-in names it)."""
-    import json
-
     import boto3
 
     ec2, ecs = boto3.client("ec2"), boto3.client("ecs")
@@ -50,11 +41,7 @@ def host(fidelity, imds, introspection):
 
     me, other = run(), run()
     server = imds(instance_id=me, region="us-east-1", availability_zone=AZ)
-    ecs.create_cluster(clusterName="gc")
-    doc = json.dumps({"instanceId": me, "region": "us-east-1", "availabilityZone": AZ})
-    arn = ecs.register_container_instance(
-        cluster="gc", instanceIdentityDocument=doc)["containerInstance"]["containerInstanceArn"]
-    introspection.register(arn)
+    arn = register_with_ecs(ecs, me, introspection, az=AZ)
     vol = ec2.create_volume(AvailabilityZone=AZ, Size=1)["VolumeId"]
     return {"ec2": ec2, "me": me, "other": other, "vol": vol, "arn": arn, "imds": server,
             "introspection": introspection, "fidelity": fidelity}

@@ -25,7 +25,7 @@ import pytest
 from tests.integration.test_agent import REPO, Lines, NotifyListener, ecs_attributes, wait_for
 from tests.integration.test_grow import (GIB, NAME, fs_bytes, mount_id, run_hostagent,
                                          write_config, write_data)
-from tests.support.ecs_introspection import IntrospectionServer
+from tests.support.ecs_introspection import register_with_ecs
 from tests.support.hosttools import (CAP_SYS_RESOURCE, WITHOUT_SYS_RESOURCE,
                                      fill_to_free_percent, grow_loop, has_capability,
                                      need_online_resize, need_root, need_tool)
@@ -70,13 +70,6 @@ class Agent:
 
 
 @pytest.fixture
-def introspection():
-    srv = IntrospectionServer(cluster="gc").start()
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture
 def cloud(fidelity, imds, introspection, loop_device, host_paths):
     """This instance registered with ECS, its 1 GiB tagged volume attached in moto, the loop
     device that is its disk, and EC2's side growing that loop device."""
@@ -89,11 +82,7 @@ def cloud(fidelity, imds, introspection, loop_device, host_paths):
     me = ec2.run_instances(ImageId="ami-12345678", MinCount=1, MaxCount=1,
                            Placement={"AvailabilityZone": AZ})["Instances"][0]["InstanceId"]
     imds(instance_id=me, region="us-east-1", availability_zone=AZ)
-    ecs.create_cluster(clusterName="gc")
-    doc = json.dumps({"instanceId": me, "region": "us-east-1", "availabilityZone": AZ})
-    arn = ecs.register_container_instance(
-        cluster="gc", instanceIdentityDocument=doc)["containerInstance"]["containerInstanceArn"]
-    introspection.register(arn)
+    arn = register_with_ecs(ecs, me, introspection, az=AZ)
     vid = ec2.create_volume(AvailabilityZone=AZ, Size=1, TagSpecifications=[
         {"ResourceType": "volume", "Tags": [{"Key": "Name", "Value": NAME}]}])["VolumeId"]
     ec2.attach_volume(VolumeId=vid, InstanceId=me, Device="/dev/xvdf")

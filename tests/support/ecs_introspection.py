@@ -58,3 +58,16 @@ if __name__ == "__main__":  # python -m tests.support.ecs_introspection PORT CLU
     srv = IntrospectionServer(cluster=sys.argv[2], arn=sys.argv[3] if len(sys.argv) > 3 else None,
                               port=int(sys.argv[1]))
     srv.httpd.serve_forever()
+
+
+def register_with_ecs(ecs, instance_id: str, introspection, *, az: str = "us-east-1a") -> str:
+    """Register a moto instance with moto's ECS (cluster "gc") and make the introspection
+    stand-in name it, as the ECS agent does on a host; returns the container-instance ARN."""
+    import json
+
+    ecs.create_cluster(clusterName="gc")
+    doc = json.dumps({"instanceId": instance_id, "region": "us-east-1", "availabilityZone": az})
+    arn = ecs.register_container_instance(
+        cluster="gc", instanceIdentityDocument=doc)["containerInstance"]["containerInstanceArn"]
+    introspection.register(arn)
+    return arn
