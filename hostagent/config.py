@@ -89,6 +89,7 @@ class LayoutConfig(NamedTuple):
 class CouchDBConfig(NamedTuple):
     url: str = "http://localhost.localdomain:5984"
     timeout: int = 300
+    admin_secret: str = ""  # s3://bucket/key holding NAME:PASSWORD -> etc/local.d/10-hostagent.ini
 
 
 class SnapshotConfig(NamedTuple):
@@ -161,6 +162,86 @@ SECTION_CLASSES = {
     "metrics": MetricsConfig,
     "capacity": CapacityConfig,
     "host": HostConfig,
+}
+
+# What each key means, for docs/configuration.md (python -m hostagent.config_reference renders it
+# with the types and defaults above; tests/unit/test_config_reference.py wants one entry per key).
+# Plain literals only: this module is on the boot path, and a dict of constants costs nothing.
+KEY_DOCS = {
+    "volume.id": 'the EBS volume id ("vol-..."); or find the volume by `tags`, or both',
+    "volume.tags": "find the volume by these tags, values matched exactly (EC2 would read * and "
+                   "? as wildcards); exactly one volume in this AZ must match. The shipped "
+                   'user-data sets { Name = "grand-central-persistence" }',
+    "volume.device": 'an explicit block device, e.g. "/dev/loop3" or a /dev/disk/by-id/ link; a '
+                     "whole disk. Skips detection; with no id and no tags set, no AWS call at all",
+    "volume.attach": "attach the volume when it is 'available' in this AZ; false: exit 1 instead",
+    "volume.device_name": "the name requested in AttachVolume, like /dev/xvdf (a hint, never "
+                          "identity: the disk is matched by its NVMe serial)",
+    "volume.attach_timeout": "seconds to wait for the attachment and the block device (at least 1)",
+    "filesystem.type": "the filesystem: only ext4 (an existing ext4 is reused, whatever its label)",
+    "filesystem.label": "the label mkfs.ext4 gives a blank volume: 1-16 bytes of letters, digits "
+                        "and . _ + @ : -, not starting with -",
+    "filesystem.mount_point": "where the volume is mounted: an absolute path of its own, never a "
+                              "system directory, a parent of one or inside one",
+    "filesystem.options": "mount options for the fstab line, comma-separated, no spaces, never "
+                          "ro; hostagent always adds nofail and x-systemd.device-timeout",
+    "filesystem.fstab": "the fstab file hostagent keeps its one line in (tests point it elsewhere)",
+    "filesystem.min_free_percent": "verify-mount's free-space check fails (and the host is "
+                                   "degraded) below this percent free; 0-99",
+    "filesystem.device_timeout": "x-systemd.device-timeout in seconds: how long boot waits for "
+                                 "the disk (at least 1: systemd reads 0 as wait forever)",
+    "layout.directories": "directories made on the volume, relative to the mount point (no .., "
+                          "never a symlink followed)",
+    "layout.owner": "their owner uid: 5984 is CouchDB's in the official image (0-4294967294)",
+    "layout.group": "their group gid (0-4294967294)",
+    "layout.mode": 'their mode, octal like "0750": permission bits only, the owner must have rwx',
+    "couchdb.url": "CouchDB as seen from the host, for wait-couchdb, check-couchdb and the agent; "
+                   "never echoed (it may hold a password); empty: no CouchDB checks",
+    "couchdb.timeout": "seconds wait-couchdb waits by default (--timeout overrides)",
+    "couchdb.admin_secret": "s3://bucket/key of an object holding NAME:PASSWORD; bootstrap writes "
+                            "etc/local.d/10-hostagent.ini with CouchDB's admin, bind_address "
+                            "127.0.0.1 and single_node; check-couchdb and the agent authenticate "
+                            "with it",
+    "snapshot.keep_last": "retention keeps the newest this many snapshots (at least 1)",
+    "snapshot.keep_daily": "and the newest of each of this many UTC days (0: none)",
+    "snapshot.keep_weekly": "and of each of this many ISO weeks (0: none)",
+    "snapshot.keep_monthly": "and of each of this many months (0: none)",
+    "snapshot.freeze": "freeze the filesystem around CreateSnapshot; false: crash-consistent "
+                       "snapshots (valid for CouchDB's append-only files), said in their tags",
+    "snapshot.freeze_timeout": "seconds after which the independent watchdog thaws, whatever "
+                               "happens (at least 1)",
+    "snapshot.copy_to_region": 'copy completed snapshots to this region too, e.g. "eu-west-1", '
+                               "with the same retention there; empty: no copies",
+    "snapshot.copy_kms_key": "KMS key (ARN, key id, alias/NAME) in copy_to_region that encrypts "
+                             "the copies; required when the volume is encrypted (\"alias/aws/ebs\""
+                             " accepts that region's default key)",
+    "secrets.source": '"s3://bucket/key" that fetch-secrets downloads with the instance role; '
+                      "empty: none",
+    "secrets.dest": "where fetch-secrets writes it: atomically, mode 0600, content never shown",
+    "ecs.introspection_url": "the ECS agent's introspection endpoint, for this host's container "
+                             "instance; empty: no ECS attributes",
+    "ecs.attribute_prefix": "prefix of the ECS attributes: hostagent.persistence = ready | "
+                            "missing | degraded, hostagent.reason, ...",
+    "agent.interval": "seconds between the agent's checks; attributes are put only on change "
+                      "(at least 1)",
+    "metrics.enabled": "the agent puts CloudWatch metrics every 5 min: DiskUsedPercent, "
+                       "SnapshotAgeHours, CouchDBUp",
+    "metrics.namespace": "their CloudWatch namespace (not AWS/...)",
+    "capacity.auto_grow": "the agent grows the volume itself as it fills up (a `hostagent grow` "
+                          "child: snapshot, ModifyVolume, resize2fs online); needs an EBS volume "
+                          "(volume.id or volume.tags)",
+    "capacity.grow_when_free_below": "auto-grow below this percent free, 1-99 (with auto_grow, "
+                                     "at least filesystem.min_free_percent)",
+    "capacity.grow_by_percent": "grow by this percent of the current size, at least +1 GiB; at "
+                                "most one modification per 6 h (1-1000)",
+    "capacity.max_size_gib": "auto-grow never goes past this; at the cap verify-mount fails "
+                             "`capacity` (1 up to the largest EBS volume)",
+    "capacity.snapshot_before_grow": "auto-grow snapshots the volume first (tagged "
+                                     "hostagent:before-grow)",
+    "host.lock_file": "the flock that serialises every command that changes things; never "
+                      "truncated, refused if it is not hostagent's",
+    "host.state_dir": "hostagent's records: what bootstrap mounted last, a format in progress, "
+                      "the auto-grow cool-down",
 }
 
 
@@ -399,6 +480,11 @@ def _check_semantics(config: Config) -> Config:
     check_prefix(config.ecs.attribute_prefix, where=src)
     if config.secrets.source:
         parse_s3_url(config.secrets.source, where=src)
+    if config.couchdb.admin_secret:
+        parse_s3_url(config.couchdb.admin_secret, key="couchdb.admin_secret", where=src)
+        if "etc/local.d" not in directories:
+            raise ConfigError("couchdb.admin_secret needs \"etc/local.d\" in layout.directories "
+                              "(its ini file goes there)", where=src)
     secrets_dest = _check_path("secrets.dest", config.secrets.dest, src)
     snap = config.snapshot
     if snap.copy_to_region and not REGION_RE.fullmatch(snap.copy_to_region):

@@ -28,6 +28,9 @@ MIN_REQUEST_TIMEOUT = 0.05
 NOT_READY_STATES = ("maintenance_mode", "nolb", "seeding")
 # Admin-only endpoints, newest CouchDB first: 2.x/3.x per-node config, then 1.x (and PouchDB).
 ADMIN_ONLY_PATHS = ("/_node/_local/_config", "/_config")
+# Our credentials were sent and refused (401/403): not the same as "unauthorized", where a probe
+# without credentials was asked for some.
+BAD_CREDENTIALS = "bad-credentials"
 LOCALDOMAIN = "localhost.localdomain"
 HOSTS_HINT = "add `127.0.0.1 localhost localhost.localdomain` to /etc/hosts"
 
@@ -35,7 +38,7 @@ HOSTS_HINT = "add `127.0.0.1 localhost localhost.localdomain` to /etc/hosts"
 @dataclass(frozen=True)
 class Readiness:
     ready: bool
-    state: str  # up | down | maintenance_mode | nolb | seeding | unauthorized | error | unresolved
+    state: str  # up | down | maintenance_mode | nolb | seeding | unauthorized | bad-credentials | error | unresolved
     reason: str  # one line for the operator; never carries credentials
     via: str = "/_up"
 
@@ -201,23 +204,33 @@ def new_session():
     return session
 
 
-def probe_readiness(url: str, *, session=None, timeout: float = READ_TIMEOUT) -> Readiness:
-    """One look: GET /_up, falling back to GET / when the server has no /_up."""
+def probe_readiness(url: str, *, session=None, timeout: float = READ_TIMEOUT,
+                    auth: tuple[str, str] | None = None, auth_source: str = "") -> Readiness:
+    """One look: GET /_up, falling back to GET / when the server has no /_up.
+
+    auth: (name, password) to send (couchdb.admin_secret), else the URL's own credentials, if
+    any. When credentials were sent and refused, the state is bad-credentials, whose reason
+    names the user and auth_source (where the password came from), never the password."""
     import requests
 
     session = session or new_session()
     base = base_url(url)
-    auth = url_credentials(url)
+    auth = auth or url_credentials(url)
     limits = (min(CONNECT_TIMEOUT, timeout), timeout)
     try:
         response = session.get(f"{base}/_up", timeout=limits, auth=auth, allow_redirects=False)
         verdict = interpret_up(response.status_code, _json_or_none(response))
-        if verdict is not None:
-            return verdict
-        response = session.get(f"{base}/", timeout=limits, auth=auth, allow_redirects=False)
-        return interpret_welcome(response.status_code, _json_or_none(response))
+        if verdict is None:
+            response = session.get(f"{base}/", timeout=limits, auth=auth, allow_redirects=False)
+            verdict = interpret_welcome(response.status_code, _json_or_none(response))
     except requests.exceptions.RequestException as exc:
         return describe_request_error(exc, timeout)
+    if auth is not None and verdict.state == "unauthorized":
+        source = f" from {auth_source}" if auth_source else ""
+        return Readiness(False, BAD_CREDENTIALS,
+                         f"CouchDB refused the password of {auth[0]!r}{source} (GET "
+                         f"{verdict.via}: HTTP {response.status_code})", verdict.via)
+    return verdict
 
 
 def backoff_delays(first: float = FIRST_DELAY) -> Iterator[float]:
@@ -237,6 +250,8 @@ def wait_until_ready(
     stop: threading.Event | None = None,
     on_change: Callable[[Readiness], None] | None = None,
     probe: Callable[..., Readiness] = probe_readiness,
+    auth: tuple[str, str] | None = None,
+    auth_source: str = "",
 ) -> WaitResult:
     """Probe until ready or the hard deadline; each state change is reported once via on_change."""
     session = session or new_session()
@@ -249,7 +264,8 @@ def wait_until_ready(
     while True:
         remaining = deadline - clock()
         per_request = max(min(READ_TIMEOUT, remaining), MIN_REQUEST_TIMEOUT)
-        result = probe(url, session=session, timeout=per_request)
+        creds = {"auth": auth, "auth_source": auth_source} if auth else {}
+        result = probe(url, session=session, timeout=per_request, **creds)
         attempts += 1
         if on_change and (last is None or (result.state, result.reason) != (last.state, last.reason)):
             on_change(result)
@@ -295,6 +311,41 @@ def probe_admin_party(url: str, *, session=None, timeout: float = READ_TIMEOUT) 
     except requests.exceptions.RequestException as exc:
         reason = describe_request_error(exc, timeout).reason
         return PostureCheck("admin-party", None, f"not checked: {reason}")
+
+
+def probe_admin_auth(url: str, auth: tuple[str, str], *, source: str, session=None,
+                     timeout: float = READ_TIMEOUT) -> PostureCheck:
+    """Do these credentials make us server admin? GET /_session with them: CouchDB and PouchDB
+    answer 401 to a wrong password on any path, and name the user and its roles otherwise."""
+    import requests
+
+    session = session or new_session()
+    limits = (min(CONNECT_TIMEOUT, timeout), timeout)
+    name = auth[0]
+    try:
+        response = session.get(f"{base_url(url)}/_session", timeout=limits, auth=auth,
+                               allow_redirects=False)
+    except requests.exceptions.RequestException as exc:
+        return PostureCheck("admin-auth", None, f"not checked: "
+                                                f"{describe_request_error(exc, timeout).reason}")
+    if response.status_code in (401, 403):
+        return PostureCheck("admin-auth", False,
+                            f"bad credentials: CouchDB refused the password of {name!r} from "
+                            f"{source} (GET /_session: HTTP {response.status_code})")
+    body = _json_or_none(response)
+    ctx = (body or {}).get("userCtx") if isinstance(body, dict) else None
+    ctx = ctx if isinstance(ctx, dict) else {}
+    roles = ctx.get("roles") if isinstance(ctx.get("roles"), list) else []
+    if response.status_code != 200:
+        return PostureCheck("admin-auth", None, f"not checked: GET /_session: HTTP "
+                                                f"{response.status_code}")
+    if ctx.get("name") != name:
+        return PostureCheck("admin-auth", False, f"bad credentials: CouchDB did not log in "
+                                                 f"{name!r} from {source} (GET /_session)")
+    if "_admin" not in roles:
+        return PostureCheck("admin-auth", False, f"{name!r} from {source} logs in but is not a "
+                                                 "server admin (no _admin role)")
+    return PostureCheck("admin-auth", True, f"{name!r} from {source} is server admin")
 
 
 def is_loopback(address: str) -> bool:

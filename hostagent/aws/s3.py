@@ -12,34 +12,39 @@ NOT_FOUND_CODES = ("NoSuchKey", "NoSuchBucket", "404", "HTTP 404")
 DENIED_CODES = ("AccessDenied", "HTTP 403", "403")
 
 
-def get_object_bytes(s3, bucket: str, key: str, *, max_bytes: int) -> bytes:
-    """The object's content (at most max_bytes, else an error); never logged or echoed."""
+def get_object_bytes(s3, bucket: str, key: str, *, max_bytes: int, what: str = "secrets",
+                     setting: str = "[secrets] source",
+                     statement: str = "statement FetchSecrets in ") -> bytes:
+    """The object's content (at most max_bytes, else an error); never logged or echoed.
+
+    what/setting/statement name the object in errors: the secrets file ([secrets] source) or
+    CouchDB's admin secret ([couchdb] admin_secret)."""
     where = f"s3://{bucket}/{key}"
     try:
         with aws_call("s3:GetObject", where=where):
             answer = s3.get_object(Bucket=bucket, Key=key)
             size = int(answer.get("ContentLength") or 0)
             if size > max_bytes:
-                raise OperationError(f"{where} is {size} bytes; a secrets file must be at most "
+                raise OperationError(f"{where} is {size} bytes; a {what} object must be at most "
                                      f"{max_bytes} bytes")
             body = answer["Body"].read(max_bytes + 1)
     except AWSError as exc:
         if exc.code in NOT_FOUND_CODES:
-            what = "bucket" if exc.code == "NoSuchBucket" else "object"
-            raise OperationError(f"secrets {what} not found: bucket {bucket!r}, key {key!r}",
+            kind = "bucket" if exc.code == "NoSuchBucket" else "object"
+            raise OperationError(f"{what} {kind} not found: bucket {bucket!r}, key {key!r}",
                                  where=where,
-                                 hint="check [secrets] source, and upload the file with "
+                                 hint=f"check {setting}, and upload the file with "
                                       f"`aws s3 cp FILE {where}`") from None
         if exc.code in DENIED_CODES:
             raise OperationError(
-                f"secrets object missing, or not allowed: bucket {bucket!r}, key {key!r} "
+                f"{what} object missing, or not allowed: bucket {bucket!r}, key {key!r} "
                 f"(S3 said {exc.code}, which is also its answer for a missing key when "
                 "s3:ListBucket is not granted)", where=where,
                 hint=f"if it is missing, upload it: `aws s3 cp FILE {where}`; if it is there, "
                      f"grant s3:GetObject on arn:aws:s3:::{bucket}/{key} to the instance role "
-                     f"(statement FetchSecrets in {POLICY_FILE}; an SSE-KMS object also needs "
+                     f"({statement}{POLICY_FILE}; an SSE-KMS object also needs "
                      "kms:Decrypt on its key)") from None
         raise
     if len(body) > max_bytes:
-        raise OperationError(f"{where} is larger than {max_bytes} bytes; not a secrets file")
+        raise OperationError(f"{where} is larger than {max_bytes} bytes; not a {what} object")
     return body

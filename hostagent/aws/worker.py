@@ -7,7 +7,8 @@ minutes (metrics) and rarely (snapshot age), so paying ~0.35 s of CPU in a child
 far cheaper than holding boto3 resident.
 
 Request keys (each optional): "ecs" {cluster, arn, prefix, attributes, sync}, "snapshots"
-{volume_id}, "metrics" {namespace, volume_id, samples}. Each part answers {"ok": true, …} or
+{volume_id}, "metrics" {namespace, volume_id, samples}, "couchdb_admin" {url} (answers the
+name and password of [couchdb] admin_secret, on stdout only, to the agent's pipe). Each part answers {"ok": true, …} or
 {"ok": false, "error": "<one line>"} independently, so one failing service does not hide others.
 """
 
@@ -74,7 +75,15 @@ def do_metrics(aws_factory, part: dict) -> dict:
     return {"ok": True, "sent": sent}
 
 
-HANDLERS = {"ecs": do_ecs, "snapshots": do_snapshots, "metrics": do_metrics}
+def do_couchdb_admin(aws_factory, part: dict) -> dict:
+    from hostagent.couchdb_admin import fetch_admin_secret
+
+    secret = fetch_admin_secret(aws_factory("").s3, part["url"])
+    return {"ok": True, "name": secret.name, "password": secret.password}
+
+
+HANDLERS = {"ecs": do_ecs, "snapshots": do_snapshots, "metrics": do_metrics,
+            "couchdb_admin": do_couchdb_admin}
 
 
 def handle(request: dict, aws_factory=None) -> dict:

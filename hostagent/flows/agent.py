@@ -227,6 +227,12 @@ class Agent:
         self.snapshots = SnapshotAge(interval=self.interval, clock=clock)
         self.metrics = Metrics(config, interval=self.interval, clock=clock)
         self.aws_reconcilers = (self.ecs, self.snapshots, self.metrics)
+        self.admin = None
+        if config.couchdb.admin_secret:
+            from hostagent.couchdb_admin import AdminCredentials
+
+            self.admin = AdminCredentials(config, interval=self.interval, clock=clock)
+            self.aws_reconcilers += (self.admin,)
         self.aws = Background(aws_call, self.wake)
 
     # -- plumbing ---------------------------------------------------------------------------
@@ -283,8 +289,16 @@ class Agent:
             readiness = couchdb.Readiness(False, "unresolved", problem[0] +
                                           (f"; {problem[1]}" if problem[1] else ""))
         else:
+            admin = self.admin
             readiness = couchdb.probe_readiness(cfg.couchdb.url, session=self._session(),
-                                                timeout=COUCHDB_PROBE_TIMEOUT)
+                                                timeout=COUCHDB_PROBE_TIMEOUT,
+                                                auth=admin.auth if admin else None,
+                                                auth_source=cfg.couchdb.admin_secret)
+            if admin is not None and admin.auth is not None:
+                if readiness.state == couchdb.BAD_CREDENTIALS:
+                    admin.refused()  # rotated? fetched again, with backoff
+                elif readiness.answered:
+                    admin.accepted()
         self.ping_watchdog()
         prev = self.last
         if (prev is None or prev.couchdb.state != readiness.state
@@ -484,6 +498,11 @@ class Agent:
         reports: the volume is never claimed here (that is the long-running agent's job)."""
         import dataclasses
 
+        if self.admin is not None:  # log in from the first round on
+            part = self.admin.request(self.view())
+            if part is not None:
+                self.apply_aws_answer({self.admin.name: part},
+                                      self.aws.run_now({self.admin.name: part}))
         result = self.do_round()
         self.snapshots.backoff.next_at = 0.0
         view = self.view()

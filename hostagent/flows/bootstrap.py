@@ -21,8 +21,11 @@ from typing import Any, Mapping, NamedTuple
 from hostagent import state
 from hostagent.errors import OperationError, RefusedError, UsageError
 from hostagent.lock import host_lock
+from hostagent.log import get_logger
 from hostagent.plan import DONE, PLANNED, Step, Unchanged, apply_steps, render_steps
 from hostagent.report import Report
+
+log = get_logger(__name__)
 
 # Test seam for crash-safety tests: SIGKILL ourselves right after the named step is done.
 CRASH_AFTER_ENV = "HOSTAGENT_CRASH_AFTER"
@@ -71,6 +74,19 @@ class HostObservation(NamedTuple):
     twins: tuple[str, ...]
     views: tuple[str, ...]  # our bind mounts left by a killed run
     layout: tuple[Any, ...] | None  # DirState of each directory when mounted
+    couchdb_admin: Any = None  # AdminObservation when couchdb.admin_secret is set
+
+
+class AdminObservation(NamedTuple):
+    """couchdb.admin_secret, fetched before anything changes, and etc/local.d when mounted."""
+
+    secret: Any = None  # couchdb_admin.AdminSecret (its repr hides the password)
+    error: Any = None  # HostagentError: S3 missing, not allowed or unreachable
+    local_d: Any = None  # adapters.couchdb_ini.LocalDState; None: looked at after the mount
+
+
+class AdminSecretUnavailable(OperationError):
+    """The admin secret could not be fetched: every other step was done, the ini left as is."""
 
 
 def run(ctx, args) -> Report:
@@ -80,10 +96,12 @@ def run(ctx, args) -> Report:
     try:
         with host_lock(config.host.lock_file, dry_run=args.dry_run):
             bootstrap(config, args.dry_run, steps, info)
-    except Exception:
+    except Exception as exc:
         # The operator sees which steps were done before the failure; the error is the last line.
         if steps and not ctx.json:
             print(render_steps(steps))
+        if isinstance(exc, AdminSecretUnavailable):
+            exc.json_extra = {"steps": [s.as_dict() for s in steps], **info}
         raise
     changed = [s for s in steps if s.status in (DONE, PLANNED)]
     if args.dry_run:
@@ -100,10 +118,14 @@ def run(ctx, args) -> Report:
 def bootstrap(config, dry_run: bool, steps: list[Step], info: dict) -> None:
     aws = None
     side = VolumeSide(volume_id=config.volume.id or None)
-    if config.volume.uses_aws:
+    if config.volume.uses_aws or config.couchdb.admin_secret:
         from hostagent.aws.clients import AWS
 
         aws = AWS()
+    # Before any change: a malformed secret is exit 2 with nothing changed. S3 missing or
+    # unreachable only fails the couchdb-admin step, last: the data volume is never held back.
+    admin = observe_admin_secret(config, aws) if config.couchdb.admin_secret else None
+    if config.volume.uses_aws:
         side, attach = observe_volume(config, aws)
         info["volume_id"] = side.volume_id
         if attach is not None and attach.op is None:
@@ -117,6 +139,8 @@ def bootstrap(config, dry_run: bool, steps: list[Step], info: dict) -> None:
             side = side._replace(volume=attach.op[1]["result"]["volume"])
     device = find_device(config, side)
     obs = observe_host(config, side, device)
+    if admin is not None:
+        obs = obs._replace(couchdb_admin=observe_admin_ini(config, obs, admin))
     info["device"] = device.path
     plan = plan_bootstrap(obs, config, side)
     fmt = next((s for s in plan if s.op and s.op[0] == "mkfs"), None)
@@ -127,9 +151,15 @@ def bootstrap(config, dry_run: bool, steps: list[Step], info: dict) -> None:
             step.action = step.action.replace(info["uuid"], "<new>")
             step.reason = step.reason.replace(info["uuid"], "<new>")
         info["uuid"] = None
-    apply(steps, plan, dry_run, executors(config, aws, side, obs))
+    degraded = None
+    try:
+        apply(steps, plan, dry_run, executors(config, aws, side, obs))
+    except AdminSecretUnavailable as exc:
+        degraded = exc  # the last step: everything else is done
     if not dry_run:
         record_volume(config, side, obs, info["uuid"])
+    if degraded is not None:
+        raise degraded
 
 
 def apply(steps: list[Step], plan: list[Step], dry_run: bool, execs: dict) -> None:
@@ -356,6 +386,27 @@ def observe_host(config, side: VolumeSide, dev) -> HostObservation:
         twins=twins, views=tuple(mounts.leftover_views(host.state_dir, table)), layout=layout)
 
 
+def observe_admin_secret(config, aws) -> AdminObservation:
+    """GetObject of couchdb.admin_secret: a malformed object raises (exit 2, before any change);
+    S3 missing, not allowed or unreachable is kept as the couchdb-admin step's failure."""
+    from hostagent.couchdb_admin import try_fetch_admin_secret
+
+    secret, error = try_fetch_admin_secret(aws, config.couchdb.admin_secret)
+    return AdminObservation(secret=secret, error=error)
+
+
+def observe_admin_ini(config, obs: HostObservation, admin: AdminObservation) -> AdminObservation:
+    """etc/local.d/10-hostagent.ini and the ini files after it, when our volume is mounted."""
+    if admin.secret is None or obs.layout is None:
+        return admin
+    from hostagent.adapters.couchdb_ini import inspect_local_d
+    from hostagent import couchdb_admin as ca
+
+    return admin._replace(local_d=inspect_local_d(
+        obs.mount_point, ca.INI_DIR, ca.INI_NAME, limit=ca.MAX_OTHER_INI_BYTES,
+        other_limit=ca.MAX_OTHER_INI_BYTES))
+
+
 def _partition_devs(dev) -> set[str]:
     from hostagent.adapters.blockdev import device_number
 
@@ -472,6 +523,8 @@ def plan_bootstrap(obs: HostObservation, config, side: VolumeSide) -> list[Step]
     grow = plan_grow_fs(obs, will_format)
     if grow is not None:
         steps.append(grow)
+    if obs.couchdb_admin is not None:
+        steps.append(plan_couchdb_admin(obs, config))  # last: a failure leaves the rest done
     return steps
 
 
@@ -610,6 +663,25 @@ def plan_layout(obs: HostObservation, config) -> Step:
     if not problems:
         return Step("layout", action, "already laid out")
     return Step("layout", action, "; ".join(problems), op=op)
+
+
+def plan_couchdb_admin(obs: HostObservation, config) -> Step:
+    """PURE: CouchDB's admin, bind_address and single_node in etc/local.d/10-hostagent.ini."""
+    from hostagent.couchdb_admin import INI_DIR, INI_NAME, decide_admin_ini
+
+    admin, url = obs.couchdb_admin, config.couchdb.admin_secret
+    action = (f"write {obs.mount_point}/{INI_DIR}/{INI_NAME} ([admins] from {url}, "
+              "bind_address 127.0.0.1, single_node)")
+    if admin.error is not None:
+        return Step("couchdb-admin", action, f"cannot fetch the secret: {admin.error}; the file "
+                    "is left as it is", op=("couchdb-admin-unavailable", {}))
+    local_d = admin.local_d
+    if local_d is None or local_d.kind == "no-dir":
+        return Step("couchdb-admin", action, "after the mount and layout", op=("couchdb-admin", {}))
+    decision = decide_admin_ini(local_d.kind, local_d.data, admin.secret, local_d.later)
+    if decision.write or decision.drop:
+        return Step("couchdb-admin", action, decision.reason, op=("couchdb-admin", {}))
+    return Step("couchdb-admin", action, decision.reason)
 
 
 # --- apply --------------------------------------------------------------------------------
@@ -773,10 +845,49 @@ def executors(config, aws, side: VolumeSide, obs: HostObservation | None) -> dic
 
         return grow_ext4_online(mp, args["major_minor"])
 
+    def couchdb_admin(args) -> str:
+        from hostagent import couchdb_admin as ca
+        from hostagent.adapters.couchdb_ini import inspect_local_d, write_in_local_d
+
+        secret, lay = obs.couchdb_admin.secret, config.layout
+        # Looked at again now: after a mount or a layout, or a change since the observation.
+        local_d = inspect_local_d(mp, ca.INI_DIR, ca.INI_NAME, limit=ca.MAX_OTHER_INI_BYTES,
+                                  other_limit=ca.MAX_OTHER_INI_BYTES)
+        if local_d.kind == "no-dir":
+            raise OperationError(f"{mp}/{ca.INI_DIR} is missing or not a directory",
+                                 where=mp, hint="check layout.directories and `hostagent "
+                                                "verify-mount`")
+        decision = ca.decide_admin_ini(local_d.kind, local_d.data, secret, local_d.later)
+        done = []
+        if decision.write:
+            write_in_local_d(mp, ca.INI_DIR, ca.INI_NAME, ca.render_admin_ini(secret).encode(),
+                             mode=ca.INI_MODE, uid=lay.owner, gid=lay.group,
+                             expected_device=obs.device.major_minor)
+            done.append(f"written ({decision.reason}), mode {ca.INI_MODE:04o}")
+        later = dict(local_d.later)
+        for name, lines in decision.drop:
+            write_in_local_d(mp, ca.INI_DIR, name, ca.without_lines(later[name], lines),
+                             mode=None, uid=None, gid=None, expected_device=obs.device.major_minor)
+            done.append(f"dropped {len(lines)} stale admin line(s) from {name}")
+        for warning in decision.warnings + ((decision.reason,) if decision.state in (
+                "foreign", "not-a-file") else ()):
+            log.warning("couchdb-admin: %s", warning)
+        if not done:
+            return Unchanged(decision.reason)
+        return "; ".join(done + [f"warning: {w}" for w in decision.warnings])
+
+    def couchdb_admin_unavailable(args) -> str:
+        error = obs.couchdb_admin.error
+        raise AdminSecretUnavailable(
+            f"CouchDB's admin secret was not fetched, so {mp}/etc/local.d/10-hostagent.ini was "
+            f"left as it is (every other step was done): {error.message}",
+            where=error.where, hint=error.hint, reason="admin-secret-unavailable")
+
     return {"attach": attach, "remove-view": remove_view, "fsck": fsck, "mkfs": mkfs,
             "forget-intent": forget_intent, "tag": tag, "write-fstab": write_fstab,
             "mkdir": mkdir, "guard": guard, "guard-under": guard_under, "mount": mount,
-            "layout": layout, "grow-fs": grow_fs}
+            "layout": layout, "grow-fs": grow_fs, "couchdb-admin": couchdb_admin,
+            "couchdb-admin-unavailable": couchdb_admin_unavailable}
 
 
 def record_volume(config, side: VolumeSide, obs: HostObservation, fs_uuid: str | None) -> None:

@@ -67,14 +67,28 @@ def run_check(ctx, args) -> Report:
     url = _url(config)
     shown = couchdb.redact_url(url)
     timeout = _timeout(args, 0)
+    source = config.couchdb.admin_secret
+    secret, secret_error = admin_secret(config) if source else (None, None)
+    auth = (secret.name, secret.password) if secret else None
     problem = couchdb.resolve_problem(url)
     if problem:
         readiness = couchdb.Readiness(False, "unresolved", problem[0])
     elif timeout > 0:
-        readiness = couchdb.wait_until_ready(url, timeout).readiness
+        readiness = couchdb.wait_until_ready(url, timeout, auth=auth,
+                                             auth_source=source).readiness
     else:
-        readiness = couchdb.probe_readiness(url)
+        readiness = couchdb.probe_readiness(url, auth=auth, auth_source=source)
     checks = [couchdb.PostureCheck("ready", readiness.ready, readiness.reason)]
+    if source:
+        # A wrong password is its own failure (FAIL, state bad-credentials), not a warning.
+        if secret_error is not None:
+            checks.append(couchdb.PostureCheck("admin-auth", False, "cannot fetch the admin "
+                                               f"secret: {secret_error}"))
+        elif readiness.answered or readiness.state == couchdb.BAD_CREDENTIALS:
+            checks.append(couchdb.probe_admin_auth(url, auth, source=source))
+        else:
+            checks.append(couchdb.PostureCheck("admin-auth", None,
+                                               "not checked: CouchDB is not answering"))
     if readiness.answered:
         checks.append(couchdb.probe_admin_party(url))
     else:
@@ -82,17 +96,32 @@ def run_check(ctx, args) -> Report:
                                            "not checked: CouchDB is not answering"))
     checks.append(couchdb.exposure_check(url))
     label = {True: "ok", False: "WARN", None: "-"}
-    rows = [("ok" if c.ok else "FAIL", c.name, c.detail) if c.name == "ready"
+    rows = [("ok" if c.ok else "FAIL" if c.ok is False else "-", c.name, c.detail)
+            if c.name in ("ready", "admin-auth")
             else (label[c.ok], c.name, c.detail) for c in checks]
+    auth_failed = any(c.name == "admin-auth" and c.ok is False for c in checks)
     text = render_table(rows, ("RESULT", "CHECK", "DETAIL"))
     if problem and problem[1]:
         text += f"\nhint: {problem[1]}"
-    warnings = [c for c in checks if c.ok is False]
-    ok = readiness.ready and not warnings
+    warnings = [c for c in checks if c.ok is False and c.name not in ("ready", "admin-auth")]
+    ok = readiness.ready and not warnings and not auth_failed
     text += f"\n{shown}: " + ("ready, no security warnings" if ok else
                               f"{'ready' if readiness.ready else 'NOT ready'}, "
-                              f"{sum(c.ok is False for c in checks[1:])} security warning(s)")
+                              + ("admin credentials refused, " if auth_failed else "")
+                              + f"{len(warnings)} security warning(s)")
+    if secret_error is not None and secret_error.hint:
+        text += f"\nhint: {secret_error.hint}"
     items = [{"name": c.name, "ok": c.ok, "detail": c.detail} for c in checks]
+    state = "up" if readiness.ready else readiness.state
+    if auth_failed and secret_error is None:
+        state = couchdb.BAD_CREDENTIALS
     return Report(ok=ok, key="checks", items=items, text=text,
                   exit_code=EXIT_OK if ok else EXIT_FAILED,
-                  extra={"url": shown, "state": "up" if readiness.ready else readiness.state})
+                  extra={"url": shown, "state": state})
+
+
+def admin_secret(config):
+    from hostagent.aws.clients import AWS
+    from hostagent.couchdb_admin import try_fetch_admin_secret
+
+    return try_fetch_admin_secret(AWS(), config.couchdb.admin_secret)

@@ -1,0 +1,132 @@
+"""CouchDB's etc/local.d on the mounted volume: read our ini file and the ones after it, write
+ours (or drop stale lines from another) atomically — always through directory fds opened with
+O_NOFOLLOW from the mount point's own fd, so a symlink on the way is never followed off the
+volume."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import stat
+from typing import NamedTuple
+
+from hostagent.adapters.layout import DIR_FLAGS, open_mount_point
+from hostagent.errors import OperationError, RefusedError
+from hostagent.fileio import atomic_write
+
+FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+
+
+class LocalDState(NamedTuple):
+    """What is in etc/local.d, looked at without following anything."""
+
+    kind: str  # our file: "file" | "missing" | "symlink" | "other"; "no-dir" when local.d is not a directory
+    data: bytes | None  # our file's bytes (kind "file")
+    later: tuple = ()  # ((name, bytes), …): the *.ini files CouchDB reads after ours, in order
+
+
+@contextlib.contextmanager
+def open_local_d(mount_point: str, rel: str, expected_device: str | None = None):
+    """An fd of mount_point/rel walked with O_NOFOLLOW; None when a component is missing.
+    A symlink or non-directory on the way is refused (exit 3), never followed."""
+    fds: list[int] = []
+    with open_mount_point(mount_point) as root_fd:
+        try:
+            root_dev = os.fstat(root_fd).st_dev
+            parent = root_fd
+            for name in [c for c in rel.split("/") if c]:
+                try:
+                    parent = os.open(name, DIR_FLAGS, dir_fd=parent)
+                except FileNotFoundError:
+                    parent = None
+                    break
+                except OSError as exc:
+                    if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                        raise RefusedError(f"{os.path.join(mount_point, rel)}: {name} is not a "
+                                           "directory (a symlink?); refusing to follow it",
+                                           where=mount_point,
+                                           hint="move it aside by hand, then rerun") from None
+                    raise
+                fds.append(parent)
+            if parent is not None:
+                dev = os.fstat(parent).st_dev
+                if dev != root_dev or (expected_device and _number(dev) != expected_device):
+                    raise RefusedError(f"{os.path.join(mount_point, rel)} is not on the volume; "
+                                       "refusing to write CouchDB's config elsewhere",
+                                       where=mount_point)
+            yield parent
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+
+def _number(dev: int) -> str:
+    return f"{os.major(dev)}:{os.minor(dev)}"
+
+
+def _read_regular(dir_fd: int, name: str, limit: int) -> tuple[str, bytes | None, os.stat_result | None]:
+    try:
+        fd = os.open(name, FILE_FLAGS, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return "missing", None, None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "symlink", None, None
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return "other", None, st
+        chunks, size = [], 0
+        while size <= limit and (chunk := os.read(fd, 1 << 16)):
+            chunks.append(chunk)
+            size += len(chunk)
+        return "file", b"".join(chunks)[:limit], st
+    finally:
+        os.close(fd)
+
+
+def inspect_local_d(mount_point: str, rel: str, name: str, *, limit: int,
+                    other_limit: int) -> LocalDState:
+    """Our file and the *.ini after it (CouchDB reads local.d/*.ini in name order)."""
+    try:
+        with open_local_d(mount_point, rel) as fd:
+            if fd is None:
+                return LocalDState("missing", None)
+            kind, data, _ = _read_regular(fd, name, limit)
+            later = []
+            for other in sorted(os.listdir(fd)):
+                if other.endswith(".ini") and other > name:
+                    other_kind, other_data, _ = _read_regular(fd, other, other_limit)
+                    if other_kind == "file":
+                        later.append((other, other_data))
+            return LocalDState(kind, data, tuple(later))
+    except RefusedError:
+        return LocalDState("no-dir", None)
+
+
+def write_in_local_d(mount_point: str, rel: str, name: str, data: bytes, *, mode: int | None,
+                     uid: int | None, gid: int | None, expected_device: str | None) -> None:
+    """Atomically replace rel/name on the volume (temp + fsync + rename + directory fsync).
+
+    The path handed to atomic_write goes through /proc/self/fd/N, the directory fd walked with
+    O_NOFOLLOW: no component of the path is looked up again, so a symlink swapped in meanwhile
+    is never followed. mode/uid/gid None: keep the existing file's.
+    """
+    where = os.path.join(mount_point, rel, name)
+    with open_local_d(mount_point, rel, expected_device) as fd:
+        if fd is None:
+            raise OperationError(f"{os.path.join(mount_point, rel)} is missing",
+                                 where=mount_point, hint="run `hostagent bootstrap` (layout)")
+        if mode is None or uid is None:
+            kind, _, st = _read_regular(fd, name, 0)
+            if kind != "file":
+                raise OperationError(f"{where} is not a regular file any more", where=where)
+            mode = stat.S_IMODE(st.st_mode) if mode is None else mode
+            uid, gid = (st.st_uid, st.st_gid) if uid is None else (uid, gid)
+        try:
+            atomic_write(f"/proc/self/fd/{fd}/{name}", data, mode, uid, gid)
+        except OperationError as exc:
+            raise OperationError(exc.message.replace(f"/proc/self/fd/{fd}", os.path.dirname(where)),
+                                 where=where, hint=exc.hint) from None
