@@ -12,6 +12,7 @@
 #                                     hostagent-snapshot.service + .timer, ecs.service.d/10-hostagent.conf
 #   /etc/cron.d/hostagent             daily snapshot when the timer is disabled (cron hosts)
 #   /etc/hostagent/hostagent.toml.example
+#   /opt/hostagent/README.md, /opt/hostagent/docs/*.md
 # and enables the units offline (systemctl --root=DIR enable): nothing is started, so baking on a
 # Packer build instance never attaches or formats anything. The real config,
 # /etc/hostagent/hostagent.toml, comes from the instance's user-data at first boot.
@@ -124,6 +125,13 @@ install -m 0644 "$REPO/systemd/ecs.service.d/10-hostagent.conf" "$R$UNIT_DIR/ecs
 install -m 0644 "$REPO/cron/hostagent" "$R/etc/cron.d/hostagent"
 install -m 0644 "$REPO/packaging/hostagent.toml.example" "$R/etc/hostagent/hostagent.toml.example"
 [ ! -f "$REPO/README.md" ] || install -m 0644 "$REPO/README.md" "$R$PREFIX/README.md"
+# The README links into docs/: the same tree, next to it, so its relative links work on the host.
+# Replaced whole, so a page removed from the checkout does not linger from an older bake.
+if [ -d "$REPO/docs" ]; then
+  rm -rf "$R$PREFIX/docs"
+  install -d -m 0755 "$R$PREFIX/docs"
+  install -m 0644 "$REPO"/docs/*.md "$R$PREFIX/docs/"
+fi
 
 say "enabling units (offline; nothing is started)"
 systemctl --root="$ROOT" enable hostagent-bootstrap.service hostagent.service >/dev/null

@@ -67,7 +67,8 @@ def installed_state(root: Path) -> dict[str, object]:
     """What the bake owns outside the venv: files with their mode and content, and links."""
     state: dict[str, object] = {}
     paths = [root / UNIT_DIR, root / "etc/cron.d/hostagent", root / "etc/hostagent",
-             root / "usr/local/bin/hostagent", root / "etc/systemd/system"]
+             root / "usr/local/bin/hostagent", root / "etc/systemd/system",
+             root / "opt/hostagent/README.md", root / "opt/hostagent/docs"]
     for base in paths:
         items = [base] if not base.is_dir() or base.is_symlink() else sorted(base.rglob("*"))
         for path in items:
@@ -93,6 +94,14 @@ def test_bake_installs_enables_and_is_repeatable(image_root):
     assert (root / "etc/cron.d/hostagent").stat().st_mode & 0o777 == 0o644
     assert (root / "etc/hostagent/hostagent.toml.example").exists()
     assert not (root / "etc/hostagent/hostagent.toml").exists(), "the real config is user-data's"
+    # The README and the docs/ it links to, side by side as in the checkout, readable by all.
+    assert (root / "opt/hostagent/README.md").read_bytes() == (REPO / "README.md").read_bytes()
+    pages = sorted(p.name for p in (REPO / "docs").glob("*.md"))
+    assert pages and sorted(p.name for p in (root / "opt/hostagent/docs").iterdir()) == pages
+    for page in pages:
+        installed = root / "opt/hostagent/docs" / page
+        assert installed.read_bytes() == (REPO / "docs" / page).read_bytes(), page
+        assert installed.stat().st_mode & 0o777 == 0o644, page
     wants = root / "etc/systemd/system"
     assert (wants / "multi-user.target.wants/hostagent-bootstrap.service").is_symlink()
     assert (wants / "multi-user.target.wants/hostagent.service").is_symlink()
