@@ -7,7 +7,9 @@ from dataclasses import dataclass
 
 from hostagent.adapters import fstab as fstab_mod
 from hostagent.adapters.blockdev import device_path_of
-from hostagent.adapters.layout import inspect_layout, layout_problem
+from hostagent.adapters.layout import (MOUNT_ROOT_GROUP, MOUNT_ROOT_MODE, MOUNT_ROOT_OWNER,
+                                       inspect_layout, inspect_mount_root, layout_problem,
+                                       mount_root_problem)
 from hostagent.adapters.mounts import mount_at, read_mountinfo
 from hostagent.errors import HostagentError
 from hostagent.state import VOLUME_RECORD, read_record
@@ -69,6 +71,10 @@ def run_checks(config) -> list[Check]:
                         "mounted read-only (I/O errors make ext4 remount ro: check dmesg)"))
     checks.append(_fstab_check(config, mount))
     checks.append(_fs_errors_check(mount))
+    root = inspect_mount_root(mp)
+    problem = mount_root_problem(root)
+    checks.append(Check(f"layout {root.relative}", problem is None, problem or
+                        f"{MOUNT_ROOT_OWNER}:{MOUNT_ROOT_GROUP} {MOUNT_ROOT_MODE:04o} (private)"))
     for state in inspect_layout(mp, layout.directories):
         problem = layout_problem(state, layout.owner, layout.group, layout.mode_bits)
         checks.append(Check(f"layout {state.relative}", problem is None,

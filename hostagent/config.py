@@ -79,7 +79,10 @@ class LayoutConfig(NamedTuple):
     directories: tuple[str, ...] = ("data", "etc", "etc/local.d")
     owner: int = 5984
     group: int = 5984
-    mode: str = "0750"
+    # What the official image's entrypoint chmods data/ and etc/ to at every container start:
+    # anything else is undone by CouchDB's next start. Privacy is the volume's top directory's
+    # job (layout.MOUNT_ROOT_MODE), which no container sees.
+    mode: str = "0755"
 
     @property
     def mode_bits(self) -> int:
@@ -194,7 +197,12 @@ KEY_DOCS = {
                           "never a symlink followed)",
     "layout.owner": "their owner uid: 5984 is CouchDB's in the official image (0-4294967294)",
     "layout.group": "their group gid (0-4294967294)",
-    "layout.mode": 'their mode, octal like "0750": permission bits only, the owner must have rwx',
+    "layout.mode": 'their mode, octal like "0755": permission bits only, the owner must have '
+                   "rwx; checked exactly. 0755 is what the official couchdb image's entrypoint "
+                   "sets on data/ and etc/ (files 0644) at every container start; the volume's "
+                   "top directory (root:root 0700, never seen by a container) keeps them "
+                   "private. Set a stricter mode only for an image that does not reset it: "
+                   "with the official one the host turns degraded after each CouchDB start",
     "couchdb.url": "CouchDB as seen from the host, for wait-couchdb, check-couchdb and the agent; "
                    "never echoed (it may hold a password); empty: no CouchDB checks",
     "couchdb.timeout": "seconds wait-couchdb waits by default (--timeout overrides)",
@@ -467,7 +475,7 @@ def _check_semantics(config: Config) -> Config:
             # (uid_t)-1 is chown's "leave unchanged"; anything larger does not fit a uid_t.
             raise ConfigError(f"{key} {ident} must be between 0 and {MAX_ID}", where=src)
     if not re.fullmatch(r"0?[0-7]{3}", layout.mode):
-        raise ConfigError(f"layout.mode {layout.mode!r} must be an octal mode like \"0750\" "
+        raise ConfigError(f"layout.mode {layout.mode!r} must be an octal mode like \"0755\" "
                           "(permission bits only: no setuid, setgid or sticky bit)", where=src)
     if layout.mode_bits & 0o700 != 0o700:
         raise ConfigError(f"layout.mode {layout.mode!r} must give the owner rwx (07xx): CouchDB "

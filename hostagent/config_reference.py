@@ -20,7 +20,9 @@ SECTION_DOCS = {
     "volume": "Which EBS volume holds CouchDB's data, and how it is attached. At least one of "
               "`id`, `tags` or `device` must be set.",
     "filesystem": "The filesystem on the volume, its mount point and its `/etc/fstab` line.",
-    "layout": "The directories bootstrap makes on the volume, for CouchDB's task to mount.",
+    "layout": "The directories bootstrap makes on the volume, for CouchDB's task to mount. The "
+              "volume's top directory itself is always made root:root 0700 (not configurable): "
+              "see [storage.md](storage.md#mount-layout-and-the-root-disk-guard).",
     "couchdb": "CouchDB on this host, as `wait-couchdb`, `check-couchdb` and the agent see it.",
     "snapshot": "`hostagent snapshot` and its retention (`keep_*`, all in UTC, like restic/borg "
                 "`forget`).",

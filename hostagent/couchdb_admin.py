@@ -3,22 +3,33 @@ etc/local.d/10-hostagent.ini, and decide whether the file on the volume is ours 
 
 Pure functions over plain data (bytes in, decisions out); the volume is read and written by
 adapters.couchdb_ini, the object fetched by aws.s3. The password is never put into a message,
-a log line, a Step or a repr.
+a log line, a Step or a repr -- nor into the file: the file holds CouchDB's password hash.
 
-How CouchDB treats the file (apache/couchdb src/config: config.erl, config_writer.erl,
-couch_passwords.erl): it reads default.ini, default.d/*.ini, local.ini, local.d/*.ini in that
-order, a later file overriding an earlier one key by key. At start it hashes every plaintext
-admin password and persists the hash to the *last* ini file of that chain, rewriting only that
-key's line (comments and other lines are kept). In the official Docker image the entrypoint
-touches local.d/docker.ini on every start, so the hash lands there, not in our file; on a host
-where our file is the last one, CouchDB rewrites our `NAME = ...` line in place and our marker
-comment on the first line survives. Both are accepted as up to date.
+Why a hash, made here (apache/couchdb src/config: config.erl, config_writer.erl;
+src/couch: couch_passwords.erl, couch_auth_cache.erl, couch_httpd_auth.erl): CouchDB reads
+default.ini, default.d/*.ini, local.ini, local.d/*.ini in that order, a later file overriding an
+earlier one key by key. At start it hashes every *plaintext* admin password and persists the
+hash to the *last* ini file of that chain -- in the official Docker image local.d/docker.ini,
+which the entrypoint touches on every start -- so a plaintext written by us would stay in our
+file for good, and in every EBS snapshot of the volume. A value that is already a hash is left
+as it is. So we write the hash: `-pbkdf2-DERIVED,SALT,ITERATIONS`, PBKDF2-HMAC-SHA1 with a
+20-byte key, the salt 16 random bytes as 32 hex characters used as text (as CouchDB's
+couch_uuids:random() salts are). That is the one PBKDF2 form every CouchDB 3 reads:
+couch_auth_cache:get_admin/1 of 3.0-3.3 knows only `-hashed-` and `-pbkdf2-`; 3.4+ also knows
+`-pbkdf2:PRF-` and reads `-pbkdf2-` as PRF sha. HASH_ITERATIONS below says why 600000.
+
+The file stays recognised as ours by its marker comment (first line), and "up to date" means
+its [admins] NAME value verifies against the secret's password (PBKDF2 again, any form CouchDB
+writes): the hash is salted, so its text differs on every render and is never compared. The
+plaintext that hostagent wrote before it wrote hashes is not up to date: it is replaced once.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
+import os
 import re
 from typing import NamedTuple
 
@@ -27,6 +38,19 @@ from hostagent.errors import UsageError
 INI_DIR = "etc/local.d"
 INI_NAME = "10-hostagent.ini"
 INI_MODE = 0o600
+# Mode bits that make our file wrong: group/other write, set-id and sticky. 0644 is fine: the
+# official entrypoint sets it on every file under /opt/couchdb/etc at each container start (as
+# root), the file holds a hash, and on the host it sits in etc/ (layout.mode, 0750).
+BAD_MODE_BITS = 0o7022
+# PBKDF2 iterations of the hash we write. CouchDB 3.4.2+ hashes admins with 600000 itself
+# (chttpd_auth iterations, "default pbkdf2 rounds to 600,000 (OWASP)", apache/couchdb#5247;
+# earlier 3.4 code: 50000; before 3.4 far less). Every 3.x accepts it: chttpd_auth min_iterations
+# defaults to 1, max_iterations to 1000000000. Cost, measured (hashlib, OpenSSL 3): ~150 ms
+# for one hash or one check on a 2-vCPU host -- bootstrap pays it when it writes and when it
+# checks the file. CouchDB 3.0-3.3 pay it on every Basic-auth request (no credentials cache;
+# 3.4+ cache after the first), the agent sends one per interval.
+HASH_ITERATIONS = 600_000
+HASH_SALT_BYTES = 16
 # First line of every file we write: how a file is recognised as ours (it travels with the
 # volume, which a state record on the root disk of one instance would not).
 MARKER = "; written by hostagent from "
@@ -60,12 +84,22 @@ class IniEntry(NamedTuple):
     line: int  # 0-based line number in the file
 
 
+class FileMeta(NamedTuple):
+    """What fstat says of our file (never followed): checked and fixed in place."""
+
+    ino: int
+    mode: int  # S_IMODE
+    uid: int
+    gid: int
+
+
 class AdminIniDecision(NamedTuple):
     state: str  # missing | current | changed | foreign | not-a-file
     write: bool  # (re)write our file
     reason: str  # for the plan's WHY column; never the password
     drop: tuple = ()  # ((file name, (line numbers…)), …) stale admin lines in later files
     warnings: tuple = ()  # lines for the operator (a later file overrides ours by hand)
+    fix: tuple = ()  # (("chown", uid, gid),) and/or (("chmod", mode),): our file, in place
 
 
 def _secret_error(url: str, problem: str) -> UsageError:
@@ -124,15 +158,32 @@ def marker_line(url: str) -> str:
     return f"{MARKER}{url}{MARKER_TAIL}"
 
 
-def render_admin_ini(secret: AdminSecret) -> str:
-    """PURE: the whole file."""
-    return (f"{marker_line(secret.url)}\n"
+def hash_password(password: str, salt: str | None = None,
+                  iterations: int = HASH_ITERATIONS) -> str:
+    """CouchDB's `-pbkdf2-DERIVED,SALT,ITERATIONS`: PBKDF2-HMAC-SHA1, a 20-byte key in hex, the
+    salt 16 random bytes (os.urandom) as hex, used as its text -- what couch_passwords:pbkdf2/3
+    computes when it checks the password."""
+    if salt is None:
+        salt = os.urandom(HASH_SALT_BYTES).hex()
+    key = hashlib.pbkdf2_hmac("sha1", password.encode(), salt.encode(), iterations, dklen=20)
+    return f"-pbkdf2-{key.hex()},{salt},{iterations}"
+
+
+def _ini_text(url: str, name: str, value: str) -> str:
+    return (f"{marker_line(url)}\n"
             "[admins]\n"
-            f"{secret.name} = {secret.password}\n"
+            f"{name} = {value}\n"
             "[chttpd]\n"
             "bind_address = 127.0.0.1\n"
             "[couchdb]\n"
             "single_node = true\n")
+
+
+def render_admin_ini(secret: AdminSecret, salt: str | None = None,
+                     iterations: int = HASH_ITERATIONS) -> str:
+    """The whole file, the password as a salted hash (a new random salt unless one is given:
+    pure only then)."""
+    return _ini_text(secret.url, secret.name, hash_password(secret.password, salt, iterations))
 
 
 def parse_ini(text: str) -> list[IniEntry]:
@@ -174,6 +225,13 @@ def verify_password(stored: str, password: str) -> bool:
     legacy `-hashed-HEX,SALT` (SHA-1 of password + salt). The salt is used as the text it is."""
     if not is_hash(stored):
         return hmac.compare_digest(stored.encode(), password.encode())
+    return _verify_hash(stored, password)
+
+
+# One bootstrap checks the same stored hash in its plan and again right before it acts (each
+# check a full PBKDF2): remember the answer for the life of the (short) process.
+@functools.lru_cache(maxsize=16)
+def _verify_hash(stored: str, password: str) -> bool:
     if stored.startswith("-hashed-"):
         parts = stored[len("-hashed-"):].split(",")
         if len(parts) != 2:
@@ -208,35 +266,60 @@ def _admins(entries, names=None) -> list[IniEntry]:
 
 
 def is_current(text: str, secret: AdminSecret) -> bool:
-    """PURE: our file says what we would write now; CouchDB's hash of the same password counts
-    as the password (it may have rewritten our line with it)."""
+    """PURE: our file says what we would write now, its admin a *hash* that verifies against the
+    password (ours, salted: never compared as text; or CouchDB's, any form). The plaintext
+    (what hostagent wrote before it wrote hashes) is not current: it must leave the volume."""
+    return _not_current(text, secret) is None
+
+
+def _not_current(text: str, secret: AdminSecret) -> str | None:
+    """Why our file is not what we would write now (never the password), or None."""
     if text.split("\n", 1)[0].rstrip("\r") != marker_line(secret.url):
-        return False
+        return f"the secret ({secret.url}) changed"
     have = parse_ini(text)
-    want = parse_ini(render_admin_ini(secret))
+    want = parse_ini(_ini_text(secret.url, secret.name, "-pbkdf2-"))
     if len(have) != len(want):
-        return False
+        return f"the secret ({secret.url}) changed"
     for got, expected in zip(have, want):
         if (got.section, got.key) != (expected.section, expected.key):
-            return False
+            return f"the secret ({secret.url}) changed"
         if (got.section, got.key) == ("admins", secret.name):
             if not verify_password(got.value, secret.password):
-                return False
+                return f"the secret ({secret.url}) changed"
+            if not is_hash(got.value):
+                return "it holds the password in plaintext: a hash replaces it"
         elif got.value != expected.value:
-            return False
-    return True
+            return f"the secret ({secret.url}) changed"
+    return None
+
+
+def mode_problem(meta: FileMeta, owner: tuple) -> tuple[tuple, str]:
+    """PURE: (the in-place fixes, why) for our file's owner and mode; ((), "") when fine.
+    Fine: owner:group as configured, no group/other write, no set-id or sticky bit (so 0600 as
+    written and 0644 as the official entrypoint leaves it are both fine)."""
+    fix, why = [], []
+    if (meta.uid, meta.gid) != tuple(owner):
+        fix.append(("chown", owner[0], owner[1]))
+        why.append(f"owner {meta.uid}:{meta.gid}, not {owner[0]}:{owner[1]}: chown")
+    if meta.mode & BAD_MODE_BITS:
+        fix.append(("chmod", INI_MODE))
+        why.append(f"mode {meta.mode:04o} (group/other-writable or set-id): chmod {INI_MODE:04o}")
+    return tuple(fix), "; ".join(why)
 
 
 def decide_admin_ini(kind: str, existing: bytes | None, secret: AdminSecret,
-                     later: tuple = ()) -> AdminIniDecision:
+                     later: tuple = (), *, meta: FileMeta | None = None,
+                     owner: tuple | None = None) -> AdminIniDecision:
     """PURE: what to do about etc/local.d/10-hostagent.ini.
 
     kind: "file" | "missing" | "symlink" | "other" (what is at that name, never followed).
     later: ((name, bytes), …) of the local.d/*.ini files CouchDB reads after ours: an
-    [admins] entry there for our name overrides ours. A hash there of another password (CouchDB's
-    hash of a password we wrote before: the Docker image persists hashes to docker.ini) would
-    keep the old password alive after a change of the secret: it is dropped. A plaintext there
-    was written by a person: left alone, and said.
+    [admins] entry there for our name overrides ours. A hash there of the current password is
+    kept (CouchDB's own, e.g. persisted to docker.ini); a hash of another password (of a
+    password we wrote before) would keep the old password alive after a change of the secret:
+    it is dropped. A plaintext there was written by a person: left alone, and said.
+    meta/owner: our file's fstat and (layout.owner, layout.group): an up-to-date file with
+    another owner, or group/other-writable, is fixed in place (`fix`); 0644 is fine.
     """
     path = f"{INI_DIR}/{INI_NAME}"
     text = None
@@ -254,11 +337,16 @@ def decide_admin_ini(kind: str, existing: bytes | None, secret: AdminSecret,
                                 f"left alone: {path} was not written by hostagent (its first "
                                 f"line is not '{MARKER.strip()} …'); CouchDB uses what it says. "
                                 "Move it aside to let hostagent manage it")
-    elif is_current(text, secret):
+    elif (why := _not_current(text, secret)) is None:
         state, write, reason = "current", False, "up to date"
     else:
         old_names = {e.key for e in _admins(parse_ini(text))}
-        state, write, reason = "changed", True, f"the secret ({secret.url}) changed"
+        state, write, reason = "changed", True, why
+    fix: tuple = ()
+    if state == "current" and meta is not None and owner is not None:
+        fix, why = mode_problem(meta, owner)
+        if fix:
+            reason = f"{reason}; {why}"
     drop, warnings = [], []
     for name, data in later:
         stale, by_hand = [], []
@@ -276,10 +364,10 @@ def decide_admin_ini(kind: str, existing: bytes | None, secret: AdminSecret,
         names = ", ".join(f"{INI_DIR}/{n}" for n, _ in drop)
         what = "stale hash(es) of an earlier admin password in " + names
         reason = f"{reason}; drop {what} (CouchDB reads them after {INI_NAME})" \
-            if write else f"drop {what} (CouchDB reads them after {INI_NAME})"
+            if write or fix else f"drop {what} (CouchDB reads them after {INI_NAME})"
     if warnings:
         reason += "; warning: " + "; ".join(warnings)
-    return AdminIniDecision(state, write, reason, tuple(drop), tuple(warnings))
+    return AdminIniDecision(state, write, reason, tuple(drop), tuple(warnings), fix)
 
 
 def without_lines(data: bytes, lines) -> bytes:

@@ -1,7 +1,7 @@
 """CouchDB's etc/local.d on the mounted volume: read our ini file and the ones after it, write
-ours (or drop stale lines from another) atomically — always through directory fds opened with
-O_NOFOLLOW from the mount point's own fd, so a symlink on the way is never followed off the
-volume."""
+ours (or drop stale lines from another) atomically, fix our file's owner and mode in place —
+always through directory fds opened with O_NOFOLLOW from the mount point's own fd, so a symlink
+on the way is never followed off the volume."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import stat
 from typing import NamedTuple
 
 from hostagent.adapters.layout import DIR_FLAGS, open_mount_point
+from hostagent.couchdb_admin import FileMeta
 from hostagent.errors import OperationError, RefusedError
 from hostagent.fileio import atomic_write
 
@@ -24,6 +25,7 @@ class LocalDState(NamedTuple):
     kind: str  # our file: "file" | "missing" | "symlink" | "other"; "no-dir" when local.d is not a directory
     data: bytes | None  # our file's bytes (kind "file")
     later: tuple = ()  # ((name, bytes), …): the *.ini files CouchDB reads after ours, in order
+    meta: FileMeta | None = None  # our file's inode, mode, owner (kind "file")
 
 
 @contextlib.contextmanager
@@ -94,14 +96,16 @@ def inspect_local_d(mount_point: str, rel: str, name: str, *, limit: int,
         with open_local_d(mount_point, rel) as fd:
             if fd is None:
                 return LocalDState("missing", None)
-            kind, data, _ = _read_regular(fd, name, limit)
+            kind, data, st = _read_regular(fd, name, limit)
+            meta = FileMeta(st.st_ino, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) \
+                if kind == "file" else None
             later = []
             for other in sorted(os.listdir(fd)):
                 if other.endswith(".ini") and other > name:
                     other_kind, other_data, _ = _read_regular(fd, other, other_limit)
                     if other_kind == "file":
                         later.append((other, other_data))
-            return LocalDState(kind, data, tuple(later))
+            return LocalDState(kind, data, tuple(later), meta)
     except RefusedError:
         return LocalDState("no-dir", None)
 
@@ -130,3 +134,38 @@ def write_in_local_d(mount_point: str, rel: str, name: str, data: bytes, *, mode
         except OperationError as exc:
             raise OperationError(exc.message.replace(f"/proc/self/fd/{fd}", os.path.dirname(where)),
                                  where=where, hint=exc.hint) from None
+
+
+def fix_in_local_d(mount_point: str, rel: str, name: str, fix: tuple, *, ino: int,
+                   expected_device: str | None) -> None:
+    """Apply (("chown", uid, gid),) / (("chmod", mode),) to rel/name in place (same inode), on
+    an fd opened with O_NOFOLLOW through the walked directory fds; refused (exit 1, nothing
+    changed) when the name is no longer the regular file `ino` that was looked at."""
+    where = os.path.join(mount_point, rel, name)
+    with open_local_d(mount_point, rel, expected_device) as dir_fd:
+        if dir_fd is None:
+            raise OperationError(f"{os.path.join(mount_point, rel)} is missing",
+                                 where=mount_point, hint="run `hostagent bootstrap` (layout)")
+        try:
+            fd = os.open(name, FILE_FLAGS, dir_fd=dir_fd)
+        except OSError as exc:
+            raise OperationError(f"cannot open {where}: {exc.strerror}", where=where,
+                                 hint="rerun `hostagent bootstrap`") from None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_ino != ino:
+                raise OperationError(f"{where} changed while bootstrap looked at it; left as it "
+                                     "is", where=where, hint="rerun `hostagent bootstrap`")
+            # chown before chmod: chown clears set-id bits, chmod then sets the exact mode.
+            for op in fix:
+                if op[0] == "chown":
+                    os.fchown(fd, op[1], op[2])
+            for op in fix:
+                if op[0] == "chmod":
+                    os.fchmod(fd, op[1])
+            os.fsync(fd)
+        except OSError as exc:
+            raise OperationError(f"cannot fix the owner or mode of {where}: {exc.strerror}",
+                                 where=where) from None
+        finally:
+            os.close(fd)

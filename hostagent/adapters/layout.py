@@ -1,5 +1,6 @@
-"""CouchDB's directories on the mounted volume: inspect, say what is wrong, create/fix without
-touching contents — always relative to the mount point's own fd, never following a symlink."""
+"""CouchDB's directories on the mounted volume, and its private top directory: inspect, say what
+is wrong, create/fix without touching contents — always relative to the mount point's own fd,
+never following a symlink."""
 
 from __future__ import annotations
 
@@ -12,6 +13,19 @@ from typing import NamedTuple
 from hostagent.errors import OperationError, RefusedError
 
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# The volume's top directory (the mount point while mounted) is what keeps CouchDB's files
+# private: the official image chmods data/ and etc/ to 0755 (files 0644) at every start, but the
+# task bind-mounts only data/ and etc/local.d, so no container ever sees (or chmods) the top.
+# root:root 0700: Docker (root) does the bind mounts and CouchDB inside the container reaches its
+# files through them, never through this directory, so nobody else needs even to traverse it.
+MOUNT_ROOT = "/"  # its name in checks and plans: `layout /`
+MOUNT_ROOT_OWNER = 0
+MOUNT_ROOT_GROUP = 0
+MOUNT_ROOT_MODE = 0o700
+# ext4's root directory is always inode 2 (EXT4_ROOT_INO); filesystem.type is ext4 only. With the
+# device, it proves an fd is the mounted filesystem's top, not a directory inside it (a bind
+# mount of a subdirectory, a mount point reached through a symlink into the volume).
+ROOT_INODE = 2
 
 
 class DirState(NamedTuple):
@@ -75,6 +89,27 @@ def _inspect_one(root_fd: int, mount_point: str, rel: str) -> DirState:
             os.close(fd)
 
 
+def is_filesystem_top(fd: int) -> bool:
+    return os.fstat(fd).st_ino == ROOT_INODE
+
+
+def inspect_mount_root(mount_point: str) -> DirState:
+    """The mounted filesystem's top directory; kind "not-top" when the mount point shows a
+    directory inside the filesystem instead."""
+    with open_mount_point(mount_point) as root_fd:
+        st = os.fstat(root_fd)
+        kind = "dir" if is_filesystem_top(root_fd) else "not-top"
+    return DirState(MOUNT_ROOT, os.path.normpath(mount_point), kind, st.st_uid, st.st_gid,
+                    stat.S_IMODE(st.st_mode))
+
+
+def mount_root_problem(state: DirState) -> str | None:
+    """PURE: what is wrong with the volume's top directory (root:root 0700), or None."""
+    if state.kind == "not-top":
+        return "not the top directory of the mounted ext4 filesystem"
+    return layout_problem(state, MOUNT_ROOT_OWNER, MOUNT_ROOT_GROUP, MOUNT_ROOT_MODE)
+
+
 def inspect_layout(mount_point: str, directories) -> list[DirState]:
     with open_mount_point(mount_point) as root_fd:
         return [_inspect_one(root_fd, mount_point, rel) for rel in directories]
@@ -102,16 +137,30 @@ def _refuse_non_directory(path: str, what: str) -> RefusedError:
 
 def apply_layout(mount_point: str, directories, owner: int, group: int, mode: int, *,
                  expected_device: str | None = None) -> list[str]:
-    """Create missing directories and fix owner/mode of the directories themselves (never
-    recursive). Every step is relative to an fd opened with O_NOFOLLOW, so a symlink anywhere
-    on the way is refused (exit 3), never followed. expected_device: major:minor the mount
-    point must be on (the volume), or nothing is created. Returns what was changed."""
+    """Make the volume's top directory root:root 0700 (MOUNT_ROOT_MODE), create missing
+    directories and fix owner/mode of the directories themselves (never recursive). Every step
+    is relative to an fd opened with O_NOFOLLOW, so a symlink anywhere on the way is refused
+    (exit 3), never followed. expected_device: major:minor the mount point must be on (the
+    volume), or nothing is changed. Returns what was changed."""
     changed: list[str] = []
     with open_mount_point(mount_point) as root_fd:
         if expected_device and device_of_fd(root_fd) != expected_device:
             raise RefusedError(f"{mount_point} is not on the volume ({expected_device}); refusing "
                                "to lay out CouchDB's directories on another filesystem",
                                where=mount_point)
+        if not is_filesystem_top(root_fd):
+            raise RefusedError(f"{mount_point} is not the top directory of the mounted ext4 "
+                               "filesystem; refusing to change its mode or lay out under it",
+                               where=mount_point,
+                               hint="mount the volume's filesystem itself there, not a "
+                                    f"subdirectory of it (`findmnt {mount_point}`)")
+        try:
+            _apply_mount_root(root_fd, changed)
+        except OSError as exc:
+            raise OperationError(f"cannot make the volume's top directory private: "
+                                 f"{exc.strerror}", where=mount_point,
+                                 hint="check that the volume is mounted read-write "
+                                      "(`hostagent verify-mount`)") from None
         for rel in directories:
             try:
                 _apply_one(root_fd, mount_point, rel, owner, group, mode, changed)
@@ -121,6 +170,16 @@ def apply_layout(mount_point: str, directories, owner: int, group: int, mode: in
                                      hint="check that the volume is mounted read-write and not "
                                           "full (`hostagent verify-mount`)") from None
     return changed
+
+
+def _apply_mount_root(root_fd: int, changed: list[str]) -> None:
+    st = os.fstat(root_fd)
+    if (st.st_uid, st.st_gid) != (MOUNT_ROOT_OWNER, MOUNT_ROOT_GROUP):
+        os.fchown(root_fd, MOUNT_ROOT_OWNER, MOUNT_ROOT_GROUP)
+        changed.append(f"chown {MOUNT_ROOT} {MOUNT_ROOT_OWNER}:{MOUNT_ROOT_GROUP}")
+    if stat.S_IMODE(st.st_mode) != MOUNT_ROOT_MODE:
+        os.fchmod(root_fd, MOUNT_ROOT_MODE)
+        changed.append(f"chmod {MOUNT_ROOT} {MOUNT_ROOT_MODE:04o}")
 
 
 def _apply_one(root_fd: int, mount_point: str, rel: str, owner: int, group: int, mode: int,

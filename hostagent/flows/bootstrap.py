@@ -75,6 +75,7 @@ class HostObservation(NamedTuple):
     views: tuple[str, ...]  # our bind mounts left by a killed run
     layout: tuple[Any, ...] | None  # DirState of each directory when mounted
     couchdb_admin: Any = None  # AdminObservation when couchdb.admin_secret is set
+    mount_root: Any = None  # DirState of the volume's top directory, with layout
 
 
 class AdminObservation(NamedTuple):
@@ -302,7 +303,7 @@ def observe_host(config, side: VolumeSide, dev) -> HostObservation:
     """Look at the disk, the mount point, fstab and our records once, changing nothing."""
     from hostagent.adapters import fstab, mounts
     from hostagent.adapters.blockdev import durable_identity, list_block_devices, loops_backed_by
-    from hostagent.adapters.layout import inspect_layout
+    from hostagent.adapters.layout import inspect_layout, inspect_mount_root
     from hostagent.adapters.superblock import read_superblock
 
     fs_cfg, host = config.filesystem, config.host
@@ -370,9 +371,10 @@ def observe_host(config, side: VolumeSide, dev) -> HostObservation:
 
     fs_uuid = sb.uuid if sb else None
     twins = find_twins(fs_uuid, dev, list_block_devices()) if fs_uuid else ()
-    layout = None
+    layout = mount_root = None
     if mounted is not None and mounted.major_minor == dev.major_minor:
         layout = tuple(inspect_layout(mp, config.layout.directories))
+        mount_root = inspect_mount_root(mp)
     guard = state.read_record(host.state_dir, GUARD_RECORD) or {}
     return HostObservation(
         device=dev, mount_point=mp, proven_volume_id=proven, identity=identity, superblock=sb,
@@ -383,7 +385,8 @@ def observe_host(config, side: VolumeSide, dev) -> HostObservation:
         guard_recorded=(guard.get("mount_point") == mp and mounted is not None
                         and guard.get("major_minor") == mounted.major_minor),
         fstab_text=fstab_text, fstab_blocked=fstab_blocked, fstab_free_bytes=fstab_free,
-        twins=twins, views=tuple(mounts.leftover_views(host.state_dir, table)), layout=layout)
+        twins=twins, views=tuple(mounts.leftover_views(host.state_dir, table)), layout=layout,
+        mount_root=mount_root)
 
 
 def observe_admin_secret(config, aws) -> AdminObservation:
@@ -651,15 +654,19 @@ def plan_guard(obs: HostObservation) -> Step:
 
 
 def plan_layout(obs: HostObservation, config) -> Step:
-    from hostagent.adapters.layout import layout_problem
+    from hostagent.adapters.layout import (MOUNT_ROOT, MOUNT_ROOT_MODE, layout_problem,
+                                           mount_root_problem)
 
     lay = config.layout
-    action = f"{', '.join(lay.directories)} owned {lay.owner}:{lay.group} mode {lay.mode}"
+    action = (f"{MOUNT_ROOT} private (root:root {MOUNT_ROOT_MODE:04o}); "
+              f"{', '.join(lay.directories)} owned {lay.owner}:{lay.group} mode {lay.mode}")
     op = ("layout", {})
     if obs.layout is None:
         return Step("layout", action, "after the mount", op=op)
-    problems = [f"{s.relative}: {p}" for s in obs.layout
-                if (p := layout_problem(s, lay.owner, lay.group, lay.mode_bits))]
+    root_problem = mount_root_problem(obs.mount_root) if obs.mount_root else None
+    problems = [f"{MOUNT_ROOT}: {root_problem}"] if root_problem else []
+    problems += [f"{s.relative}: {p}" for s in obs.layout
+                 if (p := layout_problem(s, lay.owner, lay.group, lay.mode_bits))]
     if not problems:
         return Step("layout", action, "already laid out")
     return Step("layout", action, "; ".join(problems), op=op)
@@ -678,8 +685,10 @@ def plan_couchdb_admin(obs: HostObservation, config) -> Step:
     local_d = admin.local_d
     if local_d is None or local_d.kind == "no-dir":
         return Step("couchdb-admin", action, "after the mount and layout", op=("couchdb-admin", {}))
-    decision = decide_admin_ini(local_d.kind, local_d.data, admin.secret, local_d.later)
-    if decision.write or decision.drop:
+    decision = decide_admin_ini(local_d.kind, local_d.data, admin.secret, local_d.later,
+                                meta=local_d.meta, owner=(config.layout.owner,
+                                                          config.layout.group))
+    if decision.write or decision.drop or decision.fix:
         return Step("couchdb-admin", action, decision.reason, op=("couchdb-admin", {}))
     return Step("couchdb-admin", action, decision.reason)
 
@@ -847,7 +856,8 @@ def executors(config, aws, side: VolumeSide, obs: HostObservation | None) -> dic
 
     def couchdb_admin(args) -> str:
         from hostagent import couchdb_admin as ca
-        from hostagent.adapters.couchdb_ini import inspect_local_d, write_in_local_d
+        from hostagent.adapters.couchdb_ini import fix_in_local_d, inspect_local_d, \
+            write_in_local_d
 
         secret, lay = obs.couchdb_admin.secret, config.layout
         # Looked at again now: after a mount or a layout, or a change since the observation.
@@ -857,13 +867,18 @@ def executors(config, aws, side: VolumeSide, obs: HostObservation | None) -> dic
             raise OperationError(f"{mp}/{ca.INI_DIR} is missing or not a directory",
                                  where=mp, hint="check layout.directories and `hostagent "
                                                 "verify-mount`")
-        decision = ca.decide_admin_ini(local_d.kind, local_d.data, secret, local_d.later)
+        decision = ca.decide_admin_ini(local_d.kind, local_d.data, secret, local_d.later,
+                                       meta=local_d.meta, owner=(lay.owner, lay.group))
         done = []
         if decision.write:
             write_in_local_d(mp, ca.INI_DIR, ca.INI_NAME, ca.render_admin_ini(secret).encode(),
                              mode=ca.INI_MODE, uid=lay.owner, gid=lay.group,
                              expected_device=obs.device.major_minor)
             done.append(f"written ({decision.reason}), mode {ca.INI_MODE:04o}")
+        elif decision.fix:
+            fix_in_local_d(mp, ca.INI_DIR, ca.INI_NAME, decision.fix, ino=local_d.meta.ino,
+                           expected_device=obs.device.major_minor)
+            done.append(f"fixed in place ({decision.reason})")
         later = dict(local_d.later)
         for name, lines in decision.drop:
             write_in_local_d(mp, ca.INI_DIR, name, ca.without_lines(later[name], lines),

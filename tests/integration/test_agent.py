@@ -24,7 +24,8 @@ RSS_LIMIT_MB = 45.0
 
 
 def prepare_mounted_volume(dev: str, paths: dict) -> None:
-    """What bootstrap leaves behind: ext4 by UUID in the temp fstab, mounted, layout 5984 0750."""
+    """What bootstrap leaves behind: ext4 by UUID in the temp fstab, mounted, the volume's top
+    root:root 0700, layout 5984 0755."""
     from hostagent.adapters.fstab import desired_entry, ensure_fstab_entry
 
     need_tool("mkfs.ext4", "e2fsprogs")
@@ -35,11 +36,12 @@ def prepare_mounted_volume(dev: str, paths: dict) -> None:
     ensure_fstab_entry(paths["fstab"], desired_entry(uuid, mp, "ext4",
                                                      "defaults,noatime,nodev,nosuid,noexec", 30))
     sh("mount", "--fstab", paths["fstab"], mp)
+    os.chmod(mp, 0o700)
     for d in ("data", "etc", "etc/local.d"):
         path = os.path.join(mp, d)
         os.makedirs(path, exist_ok=True)
         os.chown(path, 5984, 5984)
-        os.chmod(path, 0o750)
+        os.chmod(path, 0o755)
 
 
 def write_config(tmp_path, dev, paths, couch_url, introspection_url, interval=1):

@@ -92,9 +92,11 @@ def test_blank_volume_is_formatted_mounted_laid_out_and_second_run_is_a_noop(set
     assert ours.startswith(f"UUID={uuid}\t{mp}\text4\t") and "nofail" in ours
     assert "x-systemd.device-timeout=30s" in ours
     assert sh("findmnt", "-n", "-o", "SOURCE", mp).stdout.strip() == dev
+    st = os.stat(mp)  # the volume's top: private, the directories under it as the image wants
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o7777) == (0, 0, 0o700)
     for d in ("data", "etc", "etc/local.d"):
         st = os.stat(os.path.join(mp, d))
-        assert (st.st_uid, st.st_gid, st.st_mode & 0o7777) == (5984, 5984, 0o750)
+        assert (st.st_uid, st.st_gid, st.st_mode & 0o7777) == (5984, 5984, 0o755)
 
     verify = hostagent(config, "verify-mount", "--json")
     assert verify.returncode == 0, verify.stdout + verify.stderr

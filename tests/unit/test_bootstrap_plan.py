@@ -51,8 +51,9 @@ XFS = BLANK._replace(blkid_exit=0, wipefs_signatures=("xfs at 0x0",),
 RANDOM = BLANK._replace(head_nonzero_offset=0)
 SB = Superblock(uuid=UUID, label="couchdb", ever_mounted=True, has_errors=False, error_count=0,
                 size_bytes=16 * GIB)
-LAID_OUT = tuple(DirState(d, f"{MP}/{d}", "dir", 5984, 5984, 0o750)
+LAID_OUT = tuple(DirState(d, f"{MP}/{d}", "dir", 5984, 5984, 0o755)
                  for d in ("data", "etc", "etc/local.d"))
+PRIVATE_ROOT = DirState("/", MP, "dir", 0, 0, 0o700)  # the volume's top directory
 MOUNTED = MountEntry("7:3", "/", MP, "ext4", "/dev/loop3", ("rw",), ("rw",))
 FSTAB_LINE = (f"UUID={UUID}\t{MP}\text4\tdefaults,noatime,nodev,nosuid,noexec,nofail,"
               "x-systemd.device-timeout=30s,comment=hostagent\t0\t2\n")
@@ -109,13 +110,43 @@ def test_reboot_path_mounts_only():
 def test_already_mounted_and_laid_out_is_all_skipped():
     obs = observation(evidence=None, known_uuid=UUID, superblock=SB, fstab_text=FSTAB_LINE,
                       mount_point_kind="dir", mounted=MOUNTED, layout=LAID_OUT,
-                      guard_recorded=True)
+                      mount_root=PRIVATE_ROOT, guard_recorded=True)
     assert set(ops(plan(obs)).values()) == {None}
+
+
+def laid_out_obs(**changes):
+    return observation(evidence=None, known_uuid=UUID, superblock=SB, fstab_text=FSTAB_LINE,
+                       mount_point_kind="dir", mounted=MOUNTED, layout=LAID_OUT,
+                       mount_root=PRIVATE_ROOT, guard_recorded=True)._replace(**changes)
+
+
+@pytest.mark.parametrize("root, reason", [
+    (PRIVATE_ROOT._replace(mode=0o755), "/: mode 0755, want 0700"),  # ext4's mkfs default
+    (PRIVATE_ROOT._replace(uid=5984, gid=5984), "/: owner 5984:5984, want 0:0"),
+    (PRIVATE_ROOT._replace(kind="not-top"),
+     "/: not the top directory of the mounted ext4 filesystem"),
+])
+def test_an_open_volume_top_is_made_private_by_the_layout_step(root, reason):
+    step = {s.name: s for s in plan(laid_out_obs(mount_root=root))}["layout"]
+    assert step.op == ("layout", {}) and step.reason == reason
+    assert step.action.startswith("/ private (root:root 0700); data, etc, etc/local.d owned "
+                                  "5984:5984 mode 0755")
+
+
+def test_the_layout_takes_what_the_official_image_sets_and_an_explicit_mode_exactly():
+    # A host where CouchDB has started: the entrypoint left 0755 and nothing is to be done.
+    assert ops(plan(laid_out_obs()))["layout"] is None
+    strict = parse_config({"volume": {"device": "/dev/loop3"}, "layout": {"mode": "0750"}})
+    step = {s.name: s for s in plan(laid_out_obs(), strict)}["layout"]
+    assert step.op == ("layout", {})
+    assert step.reason == "data: mode 0755, want 0750; etc: mode 0755, want 0750; " \
+                          "etc/local.d: mode 0755, want 0750"
 
 
 def test_mounted_before_bootstrap_gets_the_guard_underneath_once():
     obs = observation(evidence=EXT4, superblock=SB, fstab_text=FSTAB_LINE,
-                      mount_point_kind="dir", mounted=MOUNTED, layout=LAID_OUT)
+                      mount_point_kind="dir", mounted=MOUNTED, layout=LAID_OUT,
+                      mount_root=PRIVATE_ROOT)
     assert ops(plan(obs))["guard"] == "guard-under"
     assert ops(plan(obs._replace(guard_recorded=True)))["guard"] is None
 
@@ -161,7 +192,7 @@ def test_superblock_with_errors_is_preened_before_the_first_mount():
     steps = plan(observation(evidence=EXT4, superblock=sb))
     assert [s.name for s in steps][:2] == ["fsck", "format"] and steps[0].op[0] == "fsck"
     mounted = observation(evidence=EXT4, superblock=sb, mounted=MOUNTED, layout=LAID_OUT,
-                          mount_point_kind="dir", fstab_text=FSTAB_LINE, guard_recorded=True)
+                          mount_root=PRIVATE_ROOT, mount_point_kind="dir", fstab_text=FSTAB_LINE, guard_recorded=True)
     assert "fsck" not in ops(plan(mounted)), "never fsck a mounted filesystem"
 
 

@@ -14,7 +14,7 @@ from hostagent.capacity import (GIB, capacity_check, decide_auto_grow, fs_needs_
 from hostagent.config import CapacityConfig, parse_config
 from hostagent.reconcilers import (AUTO_GROW_RETRY, AutoGrow, ClaimResult, FilesystemGrow,
                                    grow_timeout)
-from tests.unit.test_bootstrap_plan import (LAID_OUT, MOUNTED, SB, UUID, FSTAB_LINE,
+from tests.unit.test_bootstrap_plan import (LAID_OUT, PRIVATE_ROOT, MOUNTED, SB, UUID, FSTAB_LINE,
                                             observation, plan)
 
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)
@@ -138,7 +138,8 @@ def mounted_obs(device_gib=32, fs_gib=16, **changes):
     dev = observation().device._replace(size_bytes=device_gib * GIB)
     base = dict(device=dev, evidence=None, known_uuid=UUID,
                 superblock=SB._replace(size_bytes=fs_gib * GIB), fstab_text=FSTAB_LINE,
-                mount_point_kind="dir", mounted=MOUNTED, layout=LAID_OUT, guard_recorded=True)
+                mount_point_kind="dir", mounted=MOUNTED, layout=LAID_OUT, mount_root=PRIVATE_ROOT,
+                guard_recorded=True)
     return observation(**{**base, **changes})
 
 

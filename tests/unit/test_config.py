@@ -14,7 +14,7 @@ def test_defaults_match_the_design():
     assert c.filesystem.mount_point == "/opt/couchdb"
     assert c.filesystem.options == "defaults,noatime,nodev,nosuid,noexec"
     assert c.layout.directories == ("data", "etc", "etc/local.d")
-    assert (c.layout.owner, c.layout.group, c.layout.mode_bits) == (5984, 5984, 0o750)
+    assert (c.layout.owner, c.layout.group, c.layout.mode_bits) == (5984, 5984, 0o755)
     assert c.couchdb.url == "http://localhost.localdomain:5984"
     assert c.ecs.attribute_prefix == "hostagent"
     assert not c.volume.uses_aws

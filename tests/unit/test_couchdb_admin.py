@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 
 import pytest
 
@@ -48,15 +49,63 @@ def test_malformed_secrets_are_exit_2_naming_the_url_never_the_content(body, wor
         assert tail not in str(err) + (err.hint or "")
 
 
-def test_rendered_file_is_exactly_the_documented_one():
-    assert ca.render_admin_ini(secret()) == (
-        f"; written by hostagent from {URL}; edit the secret, not this file\n"
-        "[admins]\n"
-        f"admin = {PW}\n"
-        "[chttpd]\n"
-        "bind_address = 127.0.0.1\n"
-        "[couchdb]\n"
-        "single_node = true\n")
+SALT = "c0ffee00" * 4  # 16 bytes as hex, like os.urandom(16).hex()
+
+
+def fixed_ini(secret_, value):
+    return (f"; written by hostagent from {secret_.url}; edit the secret, not this file\n"
+            "[admins]\n"
+            f"{secret_.name} = {value}\n"
+            "[chttpd]\n"
+            "bind_address = 127.0.0.1\n"
+            "[couchdb]\n"
+            "single_node = true\n")
+
+
+def test_rendered_file_is_exactly_the_documented_one_with_a_hash_in_place_of_the_password():
+    s = secret()
+    key = hashlib.pbkdf2_hmac("sha1", PW.encode(), SALT.encode(), 600_000, 20).hex()
+    assert ca.render_admin_ini(s, salt=SALT) == fixed_ini(s, f"-pbkdf2-{key},{SALT},600000")
+
+
+def admin_value(text: str) -> str:
+    (entry,) = [e for e in ca.parse_ini(text) if e.section == "admins"]
+    return entry.value
+
+
+def test_the_rendered_ini_never_holds_the_plaintext_and_its_hash_verifies_independently():
+    s = secret()
+    text = ca.render_admin_ini(s)
+    assert PW not in text and PW.encode().hex() not in text
+    value = admin_value(text)
+    match = re.fullmatch(r"-pbkdf2-([0-9a-f]{40}),([0-9a-f]{32}),([0-9]+)", value)
+    assert match, value  # the SHA-1 form every CouchDB 3.x reads (3.0-3.3: only this one)
+    derived, salt, iterations = match.groups()
+    assert int(iterations) == ca.HASH_ITERATIONS == 600_000
+    # Independently of the verifier: PBKDF2-HMAC-SHA1, the salt's hex text as the salt, 20 bytes.
+    assert hashlib.pbkdf2_hmac("sha1", PW.encode(), salt.encode(), int(iterations),
+                               20).hex() == derived
+    assert ca.verify_password(value, PW) and not ca.verify_password(value, PW + "x")
+    again = admin_value(ca.render_admin_ini(s))
+    assert again != value and again.split(",")[1] != salt, "a new random salt every time"
+
+
+def test_the_iteration_count_is_within_what_every_couchdb_3_accepts():
+    # chttpd_auth min_iterations defaults to 1, max_iterations to 1000000000 (3.0-3.5).
+    assert 1 <= ca.HASH_ITERATIONS <= 1_000_000_000
+    assert ca.HASH_ITERATIONS <= ca.MAX_ITERATIONS, "our own verifier must accept our hashes"
+
+
+def test_hash_password_draws_16_random_bytes_of_salt(monkeypatch):
+    drawn = []
+
+    def urandom(n):
+        drawn.append(n)
+        return bytes(range(n))
+
+    monkeypatch.setattr(ca.os, "urandom", urandom)
+    value = ca.hash_password(PW, iterations=10)
+    assert drawn == [16] and value.split(",")[1] == bytes(range(16)).hex()
 
 
 def pbkdf2(prf: str, password: str, salt: str, iterations: int) -> str:
@@ -110,21 +159,102 @@ def test_ini_parsing_follows_couchdb():
 
 def test_decide_missing_current_hashed_changed():
     s = secret()
-    text = ca.render_admin_ini(s).encode()
+    text = ca.render_admin_ini(s, iterations=1000).encode()
     assert ca.decide_admin_ini("missing", None, s).write
     current = ca.decide_admin_ini("file", text, s)
     assert current.state == "current" and not current.write and not current.drop
-    # CouchDB (our file last in its chain) rewrote our line with its hash; the marker stays.
+    assert current.reason == "up to date"
+    # Salted: another render of the same password is other text, and still up to date.
+    assert ca.decide_admin_ini("file", ca.render_admin_ini(s, iterations=1000).encode(),
+                               s).state == "current"
+    # A CouchDB hash of the same password (CouchDB 3.4+ makes -pbkdf2:sha256-) counts too.
     salt = "abcd" * 8
-    hashed = text.replace(PW.encode(), f"-pbkdf2:sha256-{pbkdf2('sha256', PW, salt, 100)},"
-                                       f"{salt},100".encode())
-    assert ca.decide_admin_ini("file", hashed, s).state == "current"
+    hashed = fixed_ini(s, f"-pbkdf2:sha256-{pbkdf2('sha256', PW, salt, 100)},{salt},100")
+    assert ca.decide_admin_ini("file", hashed.encode(), s).state == "current"
     changed = ca.decide_admin_ini("file", text, secret(password="new-password"))
     assert changed.state == "changed" and changed.write and "new-password" not in changed.reason
     moved = ca.decide_admin_ini("file", text, secret(url="s3://other/key"))
     assert moved.write, "another secret URL: the marker comment says where it came from"
     edited = text + b"[log]\nlevel = debug\n"
     assert ca.decide_admin_ini("file", edited, s).write, "ours: hand edits are put back"
+
+
+def test_our_file_with_the_plaintext_of_the_current_password_is_rewritten_once():
+    # What hostagent wrote before it wrote hashes: the plaintext must leave the volume.
+    s = secret()
+    old = fixed_ini(s, PW).encode()
+    d = ca.decide_admin_ini("file", old, s)
+    assert d.state == "changed" and d.write and "plaintext" in d.reason and PW not in d.reason
+    assert ca.decide_admin_ini("file", ca.render_admin_ini(s, iterations=1000).encode(),
+                               s).state == "current"
+
+
+def meta(mode, uid=5984, gid=5984):
+    return ca.FileMeta(ino=12, mode=mode, uid=uid, gid=gid)
+
+
+@pytest.mark.parametrize("mode", [0o600, 0o644, 0o640, 0o400, 0o444])
+def test_modes_without_group_or_other_write_are_fine_0644_of_the_entrypoint_too(mode):
+    s = secret()
+    text = ca.render_admin_ini(s, iterations=1000).encode()
+    d = ca.decide_admin_ini("file", text, s, meta=meta(mode), owner=(5984, 5984))
+    assert d.state == "current" and not d.write and d.fix == () and d.warnings == ()
+    assert d.reason == "up to date"
+
+
+@pytest.mark.parametrize("mode,uid,gid,fix,words", [
+    (0o666, 5984, 5984, (("chmod", 0o600),), "0666"),
+    (0o620, 5984, 5984, (("chmod", 0o600),), "0620"),
+    (0o4644, 5984, 5984, (("chmod", 0o600),), "4644"),
+    (0o644, 0, 0, (("chown", 5984, 5984),), "0:0"),
+    (0o600, 5984, 0, (("chown", 5984, 5984),), "5984:0"),
+    (0o646, 1000, 5984, (("chown", 5984, 5984), ("chmod", 0o600)), "1000:5984"),
+])
+def test_group_or_other_writable_or_another_owner_is_fixed_in_place(mode, uid, gid, fix, words):
+    s = secret()
+    text = ca.render_admin_ini(s, iterations=1000).encode()
+    d = ca.decide_admin_ini("file", text, s, meta=meta(mode, uid, gid), owner=(5984, 5984))
+    assert d.state == "current" and not d.write and d.fix == fix
+    assert words in d.reason and d.reason.startswith("up to date; ")
+    # A file that is rewritten anyway gets mode and owner from the write: nothing else to fix.
+    w = ca.decide_admin_ini("file", text, secret(password="new-password"),
+                            meta=meta(mode, uid, gid), owner=(5984, 5984))
+    assert w.write and w.fix == ()
+
+
+def test_no_meta_or_no_owner_means_no_fix():
+    s = secret()
+    text = ca.render_admin_ini(s, iterations=1000).encode()
+    assert ca.decide_admin_ini("file", text, s, meta=meta(0o666)).fix == ()
+    assert ca.decide_admin_ini("file", text, s, owner=(5984, 5984)).fix == ()
+
+
+def test_later_files_against_our_hashed_file_same_password_kept_old_password_dropped():
+    s = secret()
+    ours = ca.render_admin_ini(s, iterations=1000).encode()
+    salt = "5a17" * 8
+    same = f"-pbkdf2:sha256-{pbkdf2('sha256', PW, salt, 600)},{salt},600"
+    old_sha1 = ca.hash_password("the-old-password", iterations=1000)
+    old_sha256 = f"-pbkdf2:sha256-{pbkdf2('sha256', 'the-old-password', salt, 600)},{salt},600"
+    docker = f"[couchdb]\nuuid = u\n[admins]\nadmin = {same}\n".encode()
+    d = ca.decide_admin_ini("file", ours, s, (("docker.ini", docker),))
+    assert d.state == "current" and d.drop == () and d.warnings == ()
+    for old in (old_sha1, old_sha256):
+        stale = docker.replace(same.encode(), old.encode())
+        d = ca.decide_admin_ini("file", ours, s, (("docker.ini", stale),))
+        assert d.state == "current" and d.drop == (("docker.ini", (3,)),), old
+        assert "docker.ini" in d.reason and "the-old-password" not in d.reason
+    # Rotation: our file still holds the old password's hash; docker.ini CouchDB's hash of it.
+    rotated = secret(password="the-new-password")
+    ours_old = ca.render_admin_ini(secret(password="the-old-password"), iterations=1000).encode()
+    d = ca.decide_admin_ini("file", ours_old, rotated,
+                            (("docker.ini", docker.replace(same.encode(), old_sha256.encode())),))
+    assert d.write and d.state == "changed" and d.drop == (("docker.ini", (3,)),)
+    # ... and a hash of the new password there (set through _config by hand) is kept.
+    new_there = ca.hash_password("the-new-password", iterations=1000)
+    d = ca.decide_admin_ini("file", ours_old, rotated,
+                            (("docker.ini", docker.replace(same.encode(), new_there.encode())),))
+    assert d.write and d.drop == ()
 
 
 @pytest.mark.parametrize("kind,data", [("file", b"[admins]\nadmin = mine\n"),

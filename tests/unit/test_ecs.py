@@ -23,7 +23,7 @@ ARN = "arn:aws:ecs:eu-west-1:123456789012:container-instance/gc/0123456789abcdef
 def all_ok():
     return [Check("mounted", True, "/dev/nvme1n1 on /opt/couchdb"), Check("device", True, "ok"),
             Check("fstype", True, "ext4"), Check("writable", True, "rw"),
-            Check("fstab", True, "UUID=… nofail"), Check("layout data", True, "5984:5984 0750"),
+            Check("fstab", True, "UUID=… nofail"), Check("layout data", True, "5984:5984 0755"),
             Check("free-space", True, "80% free")]
 
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from hostagent.adapters.layout import DirState, layout_problem
+from hostagent.adapters.layout import DirState, layout_problem, mount_root_problem
 from hostagent.adapters.mounts import mount_at, mounts_of_device, parse_mountinfo
 from hostagent.plan import DONE, FAILED, PLANNED, SKIPPED, Step, apply_steps
 
@@ -44,6 +44,18 @@ def test_mount_at_returns_the_top_of_a_stack():
 ])
 def test_layout_problem(state, problem):
     assert layout_problem(state, 5984, 5984, 0o750) == problem
+
+
+@pytest.mark.parametrize("state, problem", [
+    (DirState("/", "/x", "dir", 0, 0, 0o700), None),
+    (DirState("/", "/x", "dir", 0, 0, 0o755), "mode 0755, want 0700"),  # what mkfs.ext4 leaves
+    (DirState("/", "/x", "dir", 0, 0, 0o711), "mode 0711, want 0700"),
+    (DirState("/", "/x", "dir", 5984, 5984, 0o700), "owner 5984:5984, want 0:0"),
+    (DirState("/", "/x", "not-top", 0, 0, 0o700),
+     "not the top directory of the mounted ext4 filesystem"),
+])
+def test_mount_root_problem_wants_the_volume_top_root_only(state, problem):
+    assert mount_root_problem(state) == problem
 
 
 def test_apply_steps_statuses():

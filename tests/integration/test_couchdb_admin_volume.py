@@ -1,12 +1,16 @@
 """couchdb.admin_secret end to end: the secret in moto's S3 (over HTTP), bootstrap writing
-etc/local.d/10-hostagent.ini on a real loop device, and check-couchdb / agent --once logging in to
-a real pouchdb-server whose admin was set through its _config API."""
+etc/local.d/10-hostagent.ini on a real loop device (a PBKDF2 hash, never the password: not in the
+file, not anywhere on the disk), and check-couchdb / agent --once logging in to a real
+pouchdb-server whose admin was set through its _config API -- also with the very hash bootstrap
+wrote: pouchdb-server 4.2.0, like CouchDB, stores a `-pbkdf2-` value PUT to _config/admins/NAME
+as it is (pouchdb-auth lib/admins.js: IS_HASH_RE), and checks logins against it."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -26,9 +30,40 @@ INI = "etc/local.d/10-hostagent.ini"
 
 
 def expected_ini(password: str = PASSWORD, name: str = "admin") -> str:
+    """The file as it was written before hostagent wrote hashes (`password` in plaintext), or
+    with `password` standing for the hash in its place."""
     return (f"; written by hostagent from {URL}; edit the secret, not this file\n[admins]\n"
             f"{name} = {password}\n[chttpd]\nbind_address = 127.0.0.1\n[couchdb]\n"
             "single_node = true\n")
+
+
+HASH_RE = re.compile(r"-pbkdf2-([0-9a-f]{40}),([0-9a-f]{32}),([0-9]+)")
+
+
+def written_hash(path: str, password: str = PASSWORD, name: str = "admin") -> str:
+    """The file is exactly ours with a `-pbkdf2-` hash of `password` (checked independently of
+    hostagent's verifier) where the password would be; the hash."""
+    with open(path, "rb") as f:
+        data = f.read()
+    assert password.encode() not in data, "the plaintext password is in the file"
+    text = data.decode()
+    value = text.splitlines()[2].partition(" = ")[2]
+    assert text == expected_ini(value, name)
+    match = HASH_RE.fullmatch(value)
+    assert match, value
+    derived, salt, iterations = match.groups()
+    assert int(iterations) == 600_000
+    assert hashlib.pbkdf2_hmac("sha1", password.encode(), salt.encode(), int(iterations),
+                               20).hex() == derived
+    return value
+
+
+def disk_bytes(dev: str) -> bytes:
+    """Everything on the loop device as it reached the disk: its backing file, after a sync."""
+    os.sync()
+    backing = sh("losetup", "-n", "-O", "BACK-FILE", dev).stdout.strip()
+    with open(backing, "rb") as f:
+        return f.read()
 
 
 @pytest.fixture
@@ -66,12 +101,15 @@ def test_bootstrap_writes_the_admin_ini_0600_owned_by_couchdb_then_is_a_noop(vol
     assert first.returncode == 0, first.stderr
     assert steps_by_name(first)["couchdb-admin"] == "done"
     path = os.path.join(paths["mount_point"], INI)
-    with open(path) as f:
-        assert f.read() == expected_ini()
+    value = written_hash(path)
     st = os.lstat(path)
     assert stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600
     assert (st.st_uid, st.st_gid) == (5984, 5984)
     assert os.listdir(os.path.dirname(path)) == ["10-hostagent.ini"], "no temp file left"
+    # Not anywhere on the disk (what an EBS snapshot would hold): the file's own bytes are.
+    disk = disk_bytes(dev)
+    assert value.encode() in disk and f"from {URL}".encode() in disk, "the scan sees the file"
+    assert PASSWORD.encode() not in disk
 
     second = hostagent(config, "bootstrap", "--json")
     human = hostagent(config, "bootstrap", "-vv")
@@ -80,6 +118,7 @@ def test_bootstrap_writes_the_admin_ini_0600_owned_by_couchdb_then_is_a_noop(vol
     assert steps(second)["couchdb-admin"]["reason"] == "up to date"
     again = os.lstat(path)
     assert (again.st_ino, again.st_mtime_ns) == (st.st_ino, st.st_mtime_ns)
+    assert written_hash(path) == value, "a salted hash: never rewritten just to differ"
 
     # The reboot path: the file is looked at after the mount, and is left as it is.
     sh("umount", paths["mount_point"])
@@ -89,6 +128,61 @@ def test_bootstrap_writes_the_admin_ini_0600_owned_by_couchdb_then_is_a_noop(vol
     assert steps_by_name(third)["couchdb-admin"] == "skipped"
     assert os.lstat(path).st_ino == st.st_ino
     assert PASSWORD not in all_output(first, second, human, third)
+
+
+def test_the_entrypoints_0644_is_left_alone_a_writable_or_foreign_owned_file_fixed_in_place(
+        volume, s3):
+    dev, paths, config = volume
+    put_secret(s3, f"admin:{PASSWORD}".encode())
+    assert hostagent(config, "bootstrap").returncode == 0
+    path = os.path.join(paths["mount_point"], INI)
+    before = os.lstat(path)
+    # Stand-in for the official entrypoint at container start: chmod 0644 (as root).
+    os.chmod(path, 0o644)
+    done = hostagent(config, "bootstrap", "--json")
+    assert done.returncode == 0, done.stderr
+    assert steps(done)["couchdb-admin"]["status"] == "skipped"
+    assert steps(done)["couchdb-admin"]["reason"] == "up to date"
+    assert "couchdb-admin" not in done.stderr, "no warning for the entrypoint's 0644"
+    st = os.lstat(path)
+    assert (st.st_ino, st.st_mtime_ns, stat.S_IMODE(st.st_mode)) == \
+        (before.st_ino, before.st_mtime_ns, 0o644)
+
+    # Group/other-writable, and owned by someone else: fixed in place (same inode, same bytes).
+    with open(path, "rb") as f:
+        content = f.read()
+    os.chown(path, 0, 0)
+    os.chmod(path, 0o666)
+    fixed = hostagent(config, "bootstrap", "--json")
+    assert fixed.returncode == 0, fixed.stderr
+    step = steps(fixed)["couchdb-admin"]
+    assert step["status"] == "done", step
+    assert "0666" in step["detail"] and "0:0" in step["detail"] and "in place" in step["detail"]
+    st = os.lstat(path)
+    assert st.st_ino == before.st_ino
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (5984, 5984, 0o600)
+    with open(path, "rb") as f:
+        assert f.read() == content
+    again = hostagent(config, "bootstrap", "--json")
+    assert steps(again)["couchdb-admin"]["status"] == "skipped", "idempotent"
+    assert PASSWORD not in all_output(done, fixed, again)
+
+
+def test_a_file_with_the_plaintext_from_before_is_rewritten_with_a_hash(volume, s3):
+    dev, paths, config = volume
+    put_secret(s3, f"admin:{PASSWORD}".encode())
+    assert hostagent(config, "bootstrap").returncode == 0
+    path = os.path.join(paths["mount_point"], INI)
+    with open(path, "w") as f:  # what an older hostagent wrote
+        f.write(expected_ini(PASSWORD))
+    done = hostagent(config, "bootstrap", "--json")
+    assert done.returncode == 0, done.stderr
+    step = steps(done)["couchdb-admin"]
+    assert step["status"] == "done" and "plaintext" in step["detail"], step
+    written_hash(path)
+    assert stat.S_IMODE(os.lstat(path).st_mode) == 0o600
+    assert steps(hostagent(config, "bootstrap", "--json"))["couchdb-admin"]["status"] == "skipped"
+    assert PASSWORD not in all_output(done)
 
 
 def pbkdf2_sha256(password: str, salt: str, iterations: int = 1000) -> str:
@@ -122,8 +216,7 @@ def test_couchdb_hashes_accepted_a_changed_secret_rewrites_and_drops_the_stale_h
     assert rotated.returncode == 0, rotated.stderr
     step = steps(rotated)["couchdb-admin"]
     assert step["status"] == "done" and "docker.ini" in step["detail"]
-    with open(path) as f:
-        assert f.read() == expected_ini(password=new_password)
+    written_hash(path, new_password)
     with open(docker) as f:  # the old hash would override ours: gone, the rest kept
         assert f.read() == "[chttpd_auth]\nsecret = keep-me\n\n[admins]\n"
     assert os.stat(docker).st_uid == 5984
@@ -186,12 +279,12 @@ def test_dry_run_writes_nothing_and_never_prints_the_password(volume, s3):
     assert hostagent(config, "bootstrap").returncode == 0
     path = os.path.join(paths["mount_point"], INI)
     before = os.lstat(path)
+    value = written_hash(path)
     put_secret(s3, b"admin:another-password-entirely")
     dry = hostagent(config, "bootstrap", "--dry-run", "--json")
     assert dry.returncode == 0 and steps_by_name(dry)["couchdb-admin"] == "planned"
     assert os.lstat(path).st_ino == before.st_ino
-    with open(path) as f:
-        assert f.read() == expected_ini()
+    assert written_hash(path) == value
     out = all_output(*runs, dry)
     assert PASSWORD not in out and "another-password-entirely" not in out
 
@@ -201,6 +294,7 @@ def test_s3_missing_at_boot_still_mounts_and_fails_only_the_admin_step(volume, s
     put_secret(s3, f"admin:{PASSWORD}".encode())
     assert hostagent(config, "bootstrap").returncode == 0
     path = os.path.join(paths["mount_point"], INI)
+    value = written_hash(path)
     sh("umount", paths["mount_point"])
     s3.delete_object(Bucket=BUCKET, Key=KEY)
     done = hostagent(config, "bootstrap", "--json")
@@ -211,8 +305,7 @@ def test_s3_missing_at_boot_still_mounts_and_fails_only_the_admin_step(volume, s
     assert out["reason"] == "admin-secret-unavailable"
     assert URL in out["error"] and "left as it is" in out["error"]
     assert sh("findmnt", "-n", "-o", "SOURCE", paths["mount_point"]).stdout.strip() == dev
-    with open(path) as f:
-        assert f.read() == expected_ini()
+    assert written_hash(path) == value
     human = hostagent(config, "bootstrap")
     assert human.returncode == 1
     assert "failed" in human.stdout and "couchdb-admin" in human.stdout
@@ -319,3 +412,39 @@ def test_agent_once_logs_in_with_the_secret_and_reports_bad_credentials(tmp_path
     assert URL in out["couchdb"]["reason"] and "'admin'" in out["couchdb"]["reason"]
     assert "wrong-password-for-the-agent" not in all_output(good, bad)
     assert PASSWORD not in all_output(good, bad)
+
+
+def test_the_hash_bootstrap_wrote_logs_in_to_a_couchdb_compatible_server(volume, s3,
+                                                                        pouchdb_factory):
+    """The bytes on the volume, PUT as they are to pouchdb-server's _config/admins (CouchDB: the
+    same, a `-pbkdf2-` value is stored as is), accept the password from the secret and refuse
+    another. pouchdb-server computes PBKDF2 in plain JavaScript: one check of the 600000
+    iterations takes it seconds (CouchDB: OpenSSL, ~0.15 s), so the password is checked once."""
+    import requests
+
+    dev, paths, config = volume
+    put_secret(s3, f"admin:{PASSWORD}".encode())
+    assert hostagent(config, "bootstrap").returncode == 0
+    value = written_hash(os.path.join(paths["mount_point"], INI))
+    server = pouchdb_factory()
+    json_only = {"Accept": "application/json"}
+    # A cheap second admin (our own hash, few iterations) to authorise the PUT of the real one
+    # and to see a wrong password refused: admin party ends with the first admin.
+    from hostagent.couchdb_admin import hash_password
+    cheap = hash_password("probe-password", iterations=10)
+    for name, stored, auth in (("probe", cheap, None), ("admin", value,
+                                                       ("probe", "probe-password"))):
+        r = requests.put(f"{server.url}/_config/admins/{name}", data=json.dumps(stored),
+                         headers=json_only, auth=auth, timeout=30)
+        assert r.status_code == 200, r.text
+    r = requests.get(f"{server.url}/_config/admins/admin", headers=json_only,
+                     auth=("probe", "probe-password"), timeout=30)
+    assert r.json() == value, "stored as it is, not hashed again"
+    ok = requests.get(f"{server.url}/_session", headers=json_only, auth=("admin", PASSWORD),
+                      timeout=120)
+    assert ok.status_code == 200, ok.text
+    assert ok.json()["userCtx"] == {"name": "admin", "roles": ["_admin"]}
+    bad = requests.get(f"{server.url}/_session", headers=json_only,
+                       auth=("probe", "not-the-password"), timeout=30)
+    assert bad.status_code == 401
+    assert server.proc.poll() is None
