@@ -40,7 +40,8 @@ INI_NAME = "10-hostagent.ini"
 INI_MODE = 0o600
 # Mode bits that make our file wrong: group/other write, set-id and sticky. 0644 is fine: the
 # official entrypoint sets it on every file under /opt/couchdb/etc at each container start (as
-# root), the file holds a hash, and on the host it sits in etc/ (layout.mode, 0750).
+# root), the file holds a hash, and on the host it sits under the volume's private top
+# directory (root:root 0700).
 BAD_MODE_BITS = 0o7022
 # PBKDF2 iterations of the hash we write. CouchDB 3.4.2+ hashes admins with 600000 itself
 # (chttpd_auth iterations, "default pbkdf2 rounds to 600,000 (OWASP)", apache/couchdb#5247;

@@ -82,7 +82,8 @@ def boot(name: str, *, image: Image, root_disk: Path, seed_iso: Path, data_disk:
          volume_serial: str | None, moto_port: int, imds_port: int, workdir: Path,
          cmdline_extra: dict[str, str], timeout: float = 600,
          plug_when: Callable[[], bool] | None = None,
-         watch: Callable[[float], None] | None = None) -> Boot:
+         watch: Callable[[float], None] | None = None,
+         extra_drives: tuple[Path, ...] = ()) -> Boot:
     """Boot until the guest powers itself off (vmtest-report.service) or the timeout passes.
 
     moto_port is the loopback port of the AWS endpoint the guest talks to: moto itself, or the
@@ -91,7 +92,8 @@ def boot(name: str, *, image: Image, root_disk: Path, seed_iso: Path, data_disk:
     plugs an NVMe EBS volume) once plug_when() is true, i.e. once AttachVolume has attached
     the volume to this instance in moto. Without it, the disk is there from power-on, as for a
     volume that was already attached when the instance started. watch(seconds since power-on)
-    is called about once a second while the VM runs: the test's side of a boot (EC2 events)."""
+    is called about once a second while the VM runs: the test's side of a boot (EC2 events).
+    extra_drives: raw images attached read-only as further virtio disks (a benchmark's files)."""
     accel, cpu = accelerator()
     console = workdir / f"{name}.console.log"
     report_log = workdir / f"{name}.report.log"
@@ -118,6 +120,8 @@ def boot(name: str, *, image: Image, root_disk: Path, seed_iso: Path, data_disk:
                    f"guestfwd=tcp:169.254.169.254:80-cmd:{relay_command(imds_port)}",
         "-device", f"virtio-net-pci,netdev=n1,mac={MAC_IMDS},romfile=",
     ]
+    for drive in extra_drives:
+        argv += ["-drive", f"file={drive},if=virtio,format=raw,readonly=on"]
     nvme = {"driver": "nvme", "id": "ebs", "serial": volume_serial, "drive": "data"}
     control = workdir / f"{name}.qmp"
     control.unlink(missing_ok=True)

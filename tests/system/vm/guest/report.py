@@ -7,7 +7,9 @@ vmtest.snapshot=1, vmtest.runbook=remount (the operator's maintenance step for a
 hand: umount the volume, run `hostagent bootstrap`), vmtest.expect=VALUE (wait for the ECS
 attribute to reach VALUE, not just to appear), vmtest.wait_for=VALUE (before looking at
 anything, wait for the attribute to reach VALUE, noting each value it took on the way: a host
-whose volume the agent claims after boot).
+whose volume the agent claims after boot), vmtest.bench=NAME and vmtest.rounds=N (a benchmark
+boot: run only benchmarks/bench_NAME.py from the drive labelled vmbench, report its output),
+vmtest.live_grow=1 (the agent grows a loop device's mounted ext4 live: see live_grow()).
 Runs with /opt/hostagent/bin/python, for boto3 (to read the ECS attributes back from moto).
 """
 
@@ -69,6 +71,20 @@ def json_of(result: dict):
         return json.loads(result["out"])
     except ValueError:
         return None
+
+
+def ext4_sizes() -> dict:
+    """The data disk's size, its ext4's (superblock: block count x block size) and statvfs's."""
+    sizes: dict = {"device_bytes": int(open("/sys/block/nvme0n1/size").read()) * 512}
+    header = sh("dumpe2fs", "-h", "/dev/nvme0n1")["out"]
+    fields = dict(line.split(":", 1) for line in header.splitlines() if ":" in line)
+    try:
+        sizes["fs_bytes"] = int(fields["Block count"]) * int(fields["Block size"])
+    except (KeyError, ValueError):
+        sizes["dumpe2fs"] = header[-2000:]
+    st = os.statvfs(MOUNT_POINT)
+    sizes["statvfs_bytes"] = st.f_blocks * st.f_frsize
+    return sizes
 
 
 def stat_of(path: str) -> dict | None:
@@ -160,6 +176,11 @@ def main() -> None:
     started = uptime()
     args = cmdline()
     report: dict = {"scenario": args.get("scenario"), "cmdline": args, "report_started": started}
+    if args.get("bench"):
+        report["bench"] = bench(args["bench"], args.get("rounds", "3"))
+        report["report_finished"] = uptime()
+        write(report)
+        return
     if args.get("wait_for"):
         history: list = []
         report["claim"] = ecs_attributes(time.monotonic() + CLAIM_WAIT, args["wait_for"],
@@ -195,6 +216,9 @@ def main() -> None:
     if not mounted:
         report["docker_would_create"] = docker_would_create()
     report["marker"] = marker(args.get("marker", "none"), args.get("token", "")) if mounted else {}
+    report["ext4"] = ext4_sizes() if mounted else {}
+    if args.get("live_grow") == "1":
+        report["live_grow"] = live_grow()
     report["verify_mount"] = sh("/usr/local/bin/hostagent", "verify-mount", "--json")
     report["bootstrap_again"] = sh("/usr/local/bin/hostagent", "bootstrap", "--dry-run", "--json")
     report["journal"] = {
@@ -221,6 +245,102 @@ def main() -> None:
     report["systemd_analyze_time"] = (analyze["out"] + analyze["err"]).strip()
     report["report_finished"] = uptime()
     write(report)
+
+
+LIVE = "/var/tmp/vmtest-live-grow"
+LIVE_CONFIG = f"""# vmtest.live_grow: a second hostagent on a loop device of its own (no AWS, no ECS)
+[volume]
+device = "{{device}}"
+[filesystem]
+mount_point = "{LIVE}/mnt"
+fstab = "{LIVE}/fstab"
+[agent]
+interval = 2
+[ecs]
+introspection_url = "http://127.0.0.1:9/v1/metadata"
+attribute_prefix = "vmtestlive"
+[host]
+lock_file = "{LIVE}/lock"
+state_dir = "{LIVE}/state"
+"""
+
+
+def live_grow() -> dict:
+    """vmtest.live_grow=1: the agent's own filesystem grow on this real kernel (QEMU 7.2's NVMe
+    device cannot be resized live, a loop device can): `hostagent bootstrap` formats and mounts a
+    256 MiB loop device under its own config, lock and state; `hostagent agent` runs on it; the
+    backing file grows to 512 MiB and `losetup -c` (what the NVMe driver does after a resize
+    event); the agent must grow the mounted ext4 by itself, the data intact."""
+    import shutil
+    import signal
+
+    shutil.rmtree(LIVE, ignore_errors=True)
+    os.makedirs(f"{LIVE}/mnt")
+    open(f"{LIVE}/fstab", "w").close()
+    backing = f"{LIVE}/volume.img"
+    with open(backing, "wb") as f:
+        f.truncate(256 << 20)
+    device = sh("losetup", "--show", "-f", backing)["out"].strip()
+    out: dict = {"device": device}
+    config = f"{LIVE}/hostagent.toml"
+    with open(config, "w") as f:
+        f.write(LIVE_CONFIG.format(device=device))
+    hostagent = "/usr/local/bin/hostagent"
+    out["bootstrap"] = sh(hostagent, "--config", config, "bootstrap", "--json", timeout=180)
+    mnt = f"{LIVE}/mnt"
+
+    def fs_bytes() -> int:
+        st = os.statvfs(mnt)
+        return st.f_blocks * st.f_frsize
+
+    agent = None
+    try:
+        if out["bootstrap"]["rc"] != 0:
+            return out
+        token = os.urandom(8).hex()
+        with open(f"{mnt}/data/live-marker", "w") as f:
+            f.write(token)
+        out["fs_before"] = fs_bytes()
+        log = open(f"{LIVE}/agent.log", "w")
+        agent = subprocess.Popen([hostagent, "--config", config, "agent"], stdout=log,
+                                 stderr=subprocess.STDOUT, text=True)
+        time.sleep(8)  # the agent's first rounds: a device that matches its ext4, nothing to do
+        out["fs_untouched"] = fs_bytes()
+        with open(backing, "r+b") as f:
+            f.truncate(512 << 20)
+        out["losetup_c"] = sh("losetup", "-c", device)
+        grown_at = time.monotonic()
+        while time.monotonic() - grown_at < 120 and fs_bytes() < 400 << 20:
+            time.sleep(0.5)
+        out["seconds_to_grown"] = round(time.monotonic() - grown_at, 1)
+        out["fs_after"] = fs_bytes()
+        out["device_bytes"] = int(open(f"/sys/block/{os.path.basename(device)}/size").read()) * 512
+        out["marker_intact"] = open(f"{mnt}/data/live-marker").read() == token
+    finally:
+        if agent is not None:
+            agent.send_signal(signal.SIGTERM)
+            try:
+                agent.wait(30)
+            except subprocess.TimeoutExpired:
+                agent.kill()
+            out["agent_rc"] = agent.returncode
+            out["agent_log"] = open(f"{LIVE}/agent.log").read()[-12000:]
+        sh("umount", mnt)
+        out["fsck"] = sh("e2fsck", "-f", "-n", device)
+        sh("losetup", "-d", device)
+    return out
+
+
+def bench(name: str, rounds: str) -> dict:
+    """vmtest.bench=NAME (benchmarks/bench_grow_vm.py): run benchmarks/bench_NAME.py from the
+    read-only drive labelled vmbench against the baked /opt/hostagent, nothing else."""
+    where = "/run/vmtest-bench"
+    os.makedirs(where, exist_ok=True)
+    mounted = sh("mount", "-o", "ro", "/dev/disk/by-label/vmbench", where)
+    if mounted["rc"] != 0:
+        return {"rc": None, "out": "", "err": f"mount vmbench: {mounted['err']}"}
+    return sh("/opt/hostagent/bin/python", f"{where}/bench_{name}.py", "--venv", "/opt/hostagent",
+              "--rounds", rounds, timeout=1500)
 
 
 def write(report: dict) -> None:
