@@ -36,7 +36,7 @@ log = get_logger("hostagent")
 # The flags each command takes besides the common ones (store_true; all default to False).
 FLAGS = {
     "bootstrap": ("--dry-run",), "snapshot": ("--dry-run", "--wait", "--no-prune"),
-    "prune": ("--dry-run",), "agent": ("--once",),
+    "prune": ("--dry-run",), "agent": ("--once",), "fetch-secrets": ("--if-configured",),
 }
 
 
@@ -133,6 +133,10 @@ def _command_options(name: str, cmd) -> None:
     elif name == "check-couchdb":
         cmd.add_argument("--timeout", type=float, metavar="S", default=None,
                          help="seconds to wait for readiness (default: 0, look once)")
+    elif name == "fetch-secrets":
+        cmd.add_argument("--if-configured", action="store_true",
+                         help="with no [secrets] source, do nothing and exit 0 (for the boot "
+                              "unit) instead of failing with exit 2")
     elif name == "agent":
         cmd.add_argument("--once", action="store_true",
                          help="run the checks and report once, then exit; only reports: it "

@@ -8,8 +8,9 @@
 # What it installs into DIR:
 #   /opt/hostagent                    venv made by DIR's own python3, with hostagent and its deps
 #   /usr/local/bin/hostagent          -> /opt/hostagent/bin/hostagent
-#   /usr/local/lib/systemd/system/    hostagent-bootstrap.service, hostagent.service,
-#                                     hostagent-snapshot.service + .timer, ecs.service.d/10-hostagent.conf
+#   /usr/local/lib/systemd/system/    hostagent-bootstrap.service, hostagent-secrets.service,
+#                                     hostagent.service, hostagent-snapshot.service + .timer,
+#                                     ecs.service.d/10-hostagent.conf
 #   /etc/cron.d/hostagent             daily snapshot when the timer is disabled (cron hosts)
 #   /etc/hostagent/hostagent.toml.example
 #   /opt/hostagent/README.md, /opt/hostagent/docs/*.md
@@ -118,7 +119,8 @@ in_root "$PREFIX/bin/hostagent" --version
 say "command, units, cron file, config template"
 install -d -m 0755 "$R/usr/local/bin" "$R$UNIT_DIR/ecs.service.d" "$R/etc/cron.d" "$R/etc/hostagent"
 ln -sfn "$PREFIX/bin/hostagent" "$R/usr/local/bin/hostagent"
-for unit in hostagent-bootstrap.service hostagent.service hostagent-snapshot.service hostagent-snapshot.timer; do
+for unit in hostagent-bootstrap.service hostagent-secrets.service hostagent.service \
+            hostagent-snapshot.service hostagent-snapshot.timer; do
   install -m 0644 "$REPO/systemd/$unit" "$R$UNIT_DIR/$unit"
 done
 install -m 0644 "$REPO/systemd/ecs.service.d/10-hostagent.conf" "$R$UNIT_DIR/ecs.service.d/10-hostagent.conf"
@@ -134,7 +136,8 @@ if [ -d "$REPO/docs" ]; then
 fi
 
 say "enabling units (offline; nothing is started)"
-systemctl --root="$ROOT" enable hostagent-bootstrap.service hostagent.service >/dev/null
+systemctl --root="$ROOT" enable hostagent-bootstrap.service hostagent-secrets.service \
+  hostagent.service >/dev/null
 if [ "$SCHEDULE" = timer ]; then
   systemctl --root="$ROOT" enable hostagent-snapshot.timer >/dev/null
 else

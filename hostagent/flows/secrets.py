@@ -21,6 +21,7 @@ MAX_BYTES = 4 * 1024 * 1024  # a secrets file, not a data set: refuse to fill /e
 FILE_MODE = 0o600
 DIR_MODE = 0o700
 WRITTEN, UNCHANGED, MODE_FIXED = "written", "unchanged", "mode fixed"
+NOT_CONFIGURED = "not configured"
 
 
 def ensure_private_dir(path: str) -> list[str]:
@@ -93,6 +94,14 @@ def run(ctx, args, *, aws=None) -> Report:
 
     config = ctx.config
     source, dest = config.secrets.source, config.secrets.dest
+    if not source and getattr(args, "if_configured", False):
+        # hostagent-secrets.service runs this at every boot, configured or not: no source is
+        # nothing to do, not an error. Without the flag it stays exit 2 (a person asked for it).
+        log.info("fetch-secrets: [secrets] source is not set: nothing to fetch")
+        item = {"source": "", "dest": dest, "status": NOT_CONFIGURED}
+        return Report(ok=True, key="secrets", items=[item],
+                      text=f"{dest}: {NOT_CONFIGURED} ([secrets] source is not set: nothing "
+                           "to fetch)")
     if not source:
         raise ConfigError("secrets.source is not set: nothing to fetch", where=config.source,
                           hint='[secrets] source = "s3://bucket/key"')

@@ -220,6 +220,19 @@ def test_fetch_secrets_is_idempotent_and_rewrites_only_on_change(cloud, bucket, 
     assert stat.S_IMODE(os.stat(dest).st_mode) == 0o600
 
 
+def test_fetch_secrets_if_configured_fetches_when_a_source_is_set(cloud, bucket, capsys):
+    """What hostagent-secrets.service runs: with a source, exactly the plain command."""
+    body = secret_value()
+    bucket.put_object(Bucket="gc-secrets", Key="k", Body=body)
+    dest = os.path.join(cloud.tmp, "grand-central", "secrets.env")
+    config = cloud.config(secrets={"source": "s3://gc-secrets/k", "dest": dest})
+    assert fetch(config, "--if-configured", "--json") == 0
+    assert json.loads(capsys.readouterr().out)["secrets"][0]["status"] == "written"
+    with open(dest, "rb") as f:
+        assert f.read() == body
+    assert stat.S_IMODE(os.stat(dest).st_mode) == 0o600
+
+
 def test_fetch_secrets_fixes_a_loose_mode_without_rewriting(cloud, bucket, capsys):
     body = secret_value()
     bucket.put_object(Bucket="gc-secrets", Key="k", Body=body)

@@ -205,9 +205,15 @@ def test_the_role_carries_exactly_the_iam_policy_file():
     # The ECS agent's own permissions come from AWS's managed policy, kept apart from ours.
     assert role["ManagedPolicyArns"] == [
         {"Fn::Sub": ECS_AGENT_POLICY.replace("arn:aws:", "arn:${AWS::Partition}:")}]
-    secrets = resources(doc)["SecretsPolicy"]
-    assert secrets["Condition"] == "HasSecrets"
-    assert secrets["Properties"]["Roles"] == [{"Ref": "InstanceRole"}]
+    # Each optional S3 object gets its own policy, only when its parameter is set.
+    for name, condition in (("SecretsPolicy", "HasSecrets"),
+                            ("CouchDBAdminSecretPolicy", "HasCouchDBAdminSecret")):
+        extra = resources(doc)[name]
+        assert extra["Condition"] == condition
+        assert extra["Properties"]["Roles"] == [{"Ref": "InstanceRole"}]
+    params = doc["Parameters"]
+    assert params["CouchDBAdminSecretUrl"]["Default"] == ""
+    assert params["CouchDBAdminSecretUrl"]["AllowedPattern"] == params["SecretsUrl"]["AllowedPattern"]
 
 
 def test_the_user_data_is_the_cloud_init_file():
@@ -258,6 +264,9 @@ def test_task_volumes_are_what_hostagent_prints(tmp_path):
     # What moto does not keep (see the module docstring), from the template:
     assert task["PlacementConstraints"] == PLACEMENT
     assert task["NetworkMode"] == "host" and task["RequiresCompatibilities"] == ["EC2"]
+    # With [couchdb] admin_secret CouchDB binds 127.0.0.1: with host networking that is the
+    # host's loopback (localhost.localdomain:5984 on the host). Nothing is published.
+    assert "PortMappings" not in couchdb
     service = resources(doc)["CouchDBService"]["Properties"]
     assert service["DeploymentConfiguration"] == {"MaximumPercent": 100, "MinimumHealthyPercent": 0}
     assert service["LaunchType"] == "EC2" and service["DesiredCount"] == 1
@@ -387,21 +396,43 @@ def test_stack_deploys_and_every_resource_is_there(aws, tmp_path):
         assert service["deploymentConfiguration"]["minimumHealthyPercent"] == 0
 
 
-def test_secrets_url_configures_the_host_and_grants_only_that_object(aws, tmp_path):
+SECRETS_URL = "s3://gc-secrets-bucket/prod/secrets.env"
+ADMIN_SECRET_URL = "s3://gc-secrets-bucket/prod/couchdb-admin"
+
+
+def test_the_user_data_leaves_secrets_and_couchdb_to_the_second_part():
+    """The second part appends [secrets] and [couchdb] as new tables: the file must not have
+    them already (TOML allows a table header once; a second [couchdb] is a parse error)."""
+    toml_text = files_written(yaml.safe_load(USER_DATA.read_text()))[HOSTAGENT_TOML]
+    assert not {"secrets", "couchdb"} & set(tomllib.loads(toml_text))
+
+
+@pytest.mark.parametrize("parameters", [
+    {"SecretsUrl": SECRETS_URL},
+    {"CouchDBAdminSecretUrl": ADMIN_SECRET_URL},
+    {"SecretsUrl": SECRETS_URL, "CouchDBAdminSecretUrl": ADMIN_SECRET_URL},
+], ids=["secrets", "couchdb-admin", "both"])
+def test_s3_parameters_configure_the_host_and_grant_only_their_objects(aws, tmp_path, parameters):
     import boto3
 
     from hostagent.config import parse_config
 
-    url = "s3://gc-secrets-bucket/prod/secrets.env"
-    stack = deploy(SecretsUrl=url)
+    stack = deploy(**parameters)
     assert stack["StackStatus"] == "CREATE_COMPLETE"
-    assert "SecretsPolicy" in stack["resources"]
+    # parameter -> (its policy resource, the inline policy's name)
+    extras = {"SecretsUrl": ("SecretsPolicy", "hostagent-secrets"),
+              "CouchDBAdminSecretUrl": ("CouchDBAdminSecretPolicy", "hostagent-couchdb-admin")}
+    for parameter, (resource, _) in extras.items():
+        assert (resource in stack["resources"]) == (parameter in parameters), resource
     iam = boto3.client("iam", region_name=REGION)
     role = stack["resources"]["InstanceRole"]["PhysicalResourceId"]
+    assert sorted(iam.list_role_policies(RoleName=role)["PolicyNames"]) == sorted(
+        ["hostagent", *(extras[p][1] for p in parameters)])
     assert role_policy(iam, role, "hostagent") == json.loads(POLICY.read_text())
-    extra = role_policy(iam, role, "hostagent-secrets")
-    assert [(s["Action"], s["Resource"]) for s in extra["Statement"]] == [
-        ("s3:GetObject", "arn:aws:s3:::gc-secrets-bucket/prod/secrets.env")]
+    for parameter, url in parameters.items():
+        extra = role_policy(iam, role, extras[parameter][1])
+        assert [(s["Effect"], s["Action"], s["Resource"]) for s in extra["Statement"]] == [
+            ("Allow", "s3:GetObject", "arn:aws:s3:::" + url.removeprefix("s3://"))]
 
     user_data = launched_instance(stack)["user_data"]
     merged = cloud_init_merge(user_data)
@@ -411,7 +442,8 @@ def test_secrets_url_configures_the_host_and_grants_only_that_object(aws, tmp_pa
     assert merged["config"]["write_files"][:len(first["write_files"])] == first["write_files"]
     written = files_written(merged["config"])
     config = parse_config(tomllib.loads(written[HOSTAGENT_TOML]), source="user-data")
-    assert config.secrets.source == url
+    assert config.secrets.source == parameters.get("SecretsUrl", "")
+    assert config.couchdb.admin_secret == parameters.get("CouchDBAdminSecretUrl", "")
     assert dict(config.volume.tags) == {"Name": "grand-central-persistence"}
     assert written[ECS_CONFIG] == "ECS_CLUSTER=grand-central\n"
     assert_valid_cloud_config(tmp_path, merged["config"])

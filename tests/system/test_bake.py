@@ -87,7 +87,7 @@ def test_bake_installs_enables_and_is_repeatable(image_root):
     root = image_root
     assert (root / "opt/hostagent/bin/python").exists()
     assert os.readlink(root / "usr/local/bin/hostagent") == "/opt/hostagent/bin/hostagent"
-    for unit in ("hostagent-bootstrap.service", "hostagent.service",
+    for unit in ("hostagent-bootstrap.service", "hostagent-secrets.service", "hostagent.service",
                  "hostagent-snapshot.service", "hostagent-snapshot.timer"):
         assert (root / UNIT_DIR / unit).read_bytes() == (REPO / "systemd" / unit).read_bytes()
     assert (root / UNIT_DIR / "ecs.service.d/10-hostagent.conf").exists()
@@ -105,6 +105,11 @@ def test_bake_installs_enables_and_is_repeatable(image_root):
     wants = root / "etc/systemd/system"
     assert (wants / "multi-user.target.wants/hostagent-bootstrap.service").is_symlink()
     assert (wants / "multi-user.target.wants/hostagent.service").is_symlink()
+    # The app's secrets at every boot (a no-op without [secrets] source), before ECS starts.
+    assert (wants / "multi-user.target.wants/hostagent-secrets.service").is_symlink()
+    dropin = (root / UNIT_DIR / "ecs.service.d/10-hostagent.conf").read_text()
+    assert dropin == (REPO / "systemd/ecs.service.d/10-hostagent.conf").read_text()
+    assert "After=hostagent-bootstrap.service hostagent-secrets.service" in dropin
     assert (wants / "timers.target.wants/hostagent-snapshot.timer").is_symlink()
     assert not list((root / "tmp").glob("hostagent-bake.*")), "work dir left in the image"
     # The venv's hostagent runs inside the image (its own python, its own dependencies).

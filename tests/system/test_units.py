@@ -25,8 +25,11 @@ from tests.support.hosttools import need_tool
 from tests.system.cloudinit_deb import cloud_init_tree
 
 REPO = Path(__file__).resolve().parents[2]
-UNITS = ("hostagent-bootstrap.service", "hostagent.service", "hostagent-snapshot.service",
-         "hostagent-snapshot.timer")
+UNITS = ("hostagent-bootstrap.service", "hostagent-secrets.service", "hostagent.service",
+         "hostagent-snapshot.service", "hostagent-snapshot.timer")
+# What packaging/bake.sh enables (the snapshot service is started by its timer).
+ENABLED = ("hostagent-bootstrap.service", "hostagent-secrets.service", "hostagent.service",
+           "hostagent-snapshot.timer")
 DROPIN = "ecs.service.d/10-hostagent.conf"
 UNIT_DIR = "usr/local/lib/systemd/system"  # where packaging/bake.sh installs them
 # Options that give a service its own mount namespace: a mount made inside is invisible to the host.
@@ -131,9 +134,8 @@ def verify_root(request, tmp_path_factory):
     for unit in UNITS:
         shutil.copy(REPO / "systemd" / unit, unit_dir / unit)
     shutil.copy(REPO / "systemd" / DROPIN, unit_dir / DROPIN)
-    enable = ["hostagent-bootstrap.service", "hostagent.service", "hostagent-snapshot.timer",
-              "docker.service", "ecs.service", "cloud-init-local.service", "cloud-init.service",
-              "cloud-config.service", "cloud-final.service"]
+    enable = [*ENABLED, "docker.service", "ecs.service", "cloud-init-local.service",
+              "cloud-init.service", "cloud-config.service", "cloud-final.service"]
     subprocess.run(["systemctl", f"--root={root}", "enable", *enable], check=True,
                    capture_output=True)
     # At boot cloud-init's generator pulls cloud-init.target into multi-user.target like this.
@@ -153,6 +155,12 @@ def test_bake_installs_units_where_this_test_puts_them():
     for unit in UNITS:
         assert unit in bake
     assert DROPIN.split("/")[1] in bake
+    # Every unit in systemd/ is one this test verifies (a new unit cannot go unchecked).
+    assert sorted(p.name for p in (REPO / "systemd").glob("*.*") if p.is_file()) == sorted(UNITS)
+    # bake.sh enables what this test's root enables.
+    enables = re.findall(r'systemctl --root="\$ROOT" enable ((?:[^>]|\\\n)+)>', bake)
+    enabled = {w for line in enables for w in line.replace("\\\n", " ").split()}
+    assert enabled == set(ENABLED)
 
 
 @pytest.mark.parametrize("unit", UNITS)
@@ -204,12 +212,40 @@ def test_cycle_check_catches_bootstrap_after_cloud_final(verify_root):
     assert cycle == verify_root.name.startswith("verify-root-debian")
 
 
-def test_ecs_waits_for_bootstrap_but_does_not_require_it():
+def test_ecs_waits_for_bootstrap_and_secrets_but_does_not_require_them():
     text = (REPO / "systemd" / DROPIN).read_text()
-    assert values(text, "After") == ["hostagent-bootstrap.service"]
-    assert values(text, "Wants") == ["hostagent-bootstrap.service"]
+    ours = ["hostagent-bootstrap.service", "hostagent-secrets.service"]
+    assert values(text, "After") == ours
+    assert values(text, "Wants") == ours
     for strong in ("Requires", "Requisite", "BindsTo", "PartOf", "Upholds"):
-        assert not values(text, strong), f"{strong}= would keep ECS down when bootstrap fails"
+        assert not values(text, strong), f"{strong}= would keep ECS down when one of ours fails"
+
+
+def test_secrets_unit_fetches_before_ecs_only_when_configured_and_retries():
+    text = (REPO / "systemd/hostagent-secrets.service").read_text()
+    assert values(text, "Type") == ["oneshot"] and values(text, "RemainAfterExit") == ["yes"]
+    assert values(text, "ExecStart") == ["/opt/hostagent/bin/hostagent", "fetch-secrets",
+                                         "--if-configured"]
+    assert "ecs.service" in values(text, "Before")
+    assert {"network-online.target", "cloud-config.service",
+            "hostagent-bootstrap.service"} <= set(values(text, "After"))
+    assert "cloud-final.service" not in values(text, "After")
+    assert values(text, "Wants") == ["network-online.target"]
+    for strong in ("Requires", "Requisite", "BindsTo", "PartOf", "Upholds"):
+        assert not values(text, strong), strong
+    assert values(text, "Restart") == ["on-failure"] and values(text, "RestartSec")
+    assert set(values(text, "RestartPreventExitStatus")) == {"2", "3"}
+    assert values(text, "StartLimitBurst"), "retries must be bounded"
+    timeout = values(text, "TimeoutStartSec")
+    assert timeout and timeout[0] not in ("infinity", "0")
+    # Least privilege: what writing one file (keeping its owner) needs, nothing to mount with.
+    assert set(values(text, "CapabilityBoundingSet")) == {
+        "CAP_CHOWN", "CAP_FOWNER", "CAP_DAC_OVERRIDE", "CAP_DAC_READ_SEARCH"}
+    assert values(text, "NoNewPrivileges") == ["yes"]
+    assert values(text, "SystemCallFilter") == ["@system-service"]
+    # dest is /etc/grand-central/secrets.env by default: /etc must stay writable.
+    assert values(text, "ProtectSystem") == ["yes"]
+
 
 
 def test_bootstrap_is_ordered_before_docker_and_ecs_and_bounded():

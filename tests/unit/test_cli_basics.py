@@ -162,14 +162,16 @@ FAST_CASES = [
     ["snapshot", "--wait", "--no-prune"], ["snapshot", "--dry-run"], ["prune", "--dry-run"],
     ["agent", "--once", "-v"], ["snapshots"], ["fetch-secrets"], ["ecs-task-volumes"],
     ["--config", "/a", "--config", "/b", "bootstrap"], ["-vv", "bootstrap", "-v"],
-    ["-vv", "bootstrap"], ["bootstrap", "-v", "-v"],
+    ["-vv", "bootstrap"], ["bootstrap", "-v", "-v"], ["fetch-secrets", "--if-configured"],
+    ["--json", "fetch-secrets", "--if-configured", "-v"],
 ]
 ARGPARSE_ONLY = [
     [], ["--help"], ["bootstrap", "--help"], ["--version"], ["bootstrap", "--bogus"],
     ["verify-mount", "--dry-run"], ["--dry-run", "bootstrap"], ["bootstrap", "extra"],
     ["restore", "snap-0123456789abcdef0"], ["wait-couchdb", "--timeout", "5"],
     ["check-couchdb"], ["bootstrap", "--config"], ["bootstrap", "bootstrap"], ["-x", "devices"],
-    ["bootstrap", "--config", "--dry-run"],
+    ["bootstrap", "--config", "--dry-run"], ["bootstrap", "--if-configured"],
+    ["--if-configured", "fetch-secrets"],
 ]
 
 
@@ -187,3 +189,31 @@ def test_everything_else_goes_to_argparse(argv):
     from hostagent.cli import fast_parse
 
     assert fast_parse(argv) is None
+
+
+# --- fetch-secrets --if-configured: what hostagent-secrets.service runs at every boot ---------
+
+def test_fetch_secrets_without_a_source_is_exit_2_and_with_if_configured_a_no_op(tmp_path, capsys):
+    config = tmp_path / "hostagent.toml"
+    dest = tmp_path / "secrets" / "secrets.env"
+    config.write_text(f"[volume]\ndevice = '/dev/loop9'\n[secrets]\ndest = '{dest}'\n"
+                      f"[host]\nlock_file = '{tmp_path / 'lock'}'\n")
+    # The contract for a person is unchanged: nothing to fetch is a config error.
+    assert main(["--config", str(config), "fetch-secrets"]) == 2
+    assert "secrets.source is not set" in capsys.readouterr().err
+    # The boot unit's flag: nothing configured is nothing to do, and nothing is touched.
+    assert main(["--config", str(config), "fetch-secrets", "--if-configured"]) == 0
+    assert "not configured" in capsys.readouterr().out
+    assert main(["--config", str(config), "fetch-secrets", "--if-configured", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out == {"ok": True, "secrets": [{"source": "", "dest": str(dest),
+                                            "status": "not configured"}]}
+    assert not dest.parent.exists() and not (tmp_path / "lock").exists()
+
+
+def test_fetch_secrets_if_configured_still_fails_on_a_bad_config(tmp_path, capsys):
+    """A broken config is exit 2 with the flag too: the unit fails visibly, never skips."""
+    config = tmp_path / "hostagent.toml"
+    config.write_text("[volume]\ndevice = '/dev/loop9'\n[secrets]\nsource = 'http://x/y'\n")
+    assert main(["--config", str(config), "fetch-secrets", "--if-configured"]) == 2
+    assert "secrets.source" in capsys.readouterr().err
