@@ -394,7 +394,7 @@ def fetch_admin_secret(s3, url: str) -> AdminSecret:
     bucket, key = parse_s3_url(url, key="couchdb.admin_secret")
     data = get_object_bytes(s3, bucket, key, max_bytes=FETCH_MAX_BYTES,
                             what="CouchDB admin secret", setting="[couchdb] admin_secret",
-                            statement="a statement like FetchSecrets in ")
+                            statement="statement FetchCouchDBAdminSecret in ")
     try:
         return parse_admin_secret(data, url)
     finally:

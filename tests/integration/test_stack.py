@@ -42,6 +42,7 @@ IMAGE = "ami-12345678"
 HOSTAGENT_TOML = "/etc/hostagent/hostagent.toml"
 ECS_CONFIG = "/etc/ecs/ecs.config"
 ECS_AGENT_POLICY = "arn:aws:iam::aws:policy/service-role/AmazonEC2ContainerServiceforEC2Role"
+SSM_POLICY = "arn:aws:iam::aws:policy/AmazonSSMManagedInstanceCore"
 PLACEMENT = [{"Type": "memberOf", "Expression": "attribute:hostagent.persistence == ready"}]
 
 # Run with cloud-init 22.4's own code (the Debian package unpacked by tests/system/cloudinit_deb):
@@ -202,9 +203,11 @@ def test_the_role_carries_exactly_the_iam_policy_file():
     for mine, theirs in zip(got["Statement"], want["Statement"]):
         assert mine == theirs, f"statement {theirs.get('Sid')} differs from {POLICY.name}"
     assert got == want
-    # The ECS agent's own permissions come from AWS's managed policy, kept apart from ours.
+    # The ECS and SSM agents' own permissions come from AWS's managed policies, kept apart from
+    # ours (SSM: Session Manager, the no-SSH, no-open-port way to the host and Fauxton).
     assert role["ManagedPolicyArns"] == [
-        {"Fn::Sub": ECS_AGENT_POLICY.replace("arn:aws:", "arn:${AWS::Partition}:")}]
+        {"Fn::Sub": arn.replace("arn:aws:", "arn:${AWS::Partition}:")}
+        for arn in (ECS_AGENT_POLICY, SSM_POLICY)]
     # Each optional S3 object gets its own policy, only when its parameter is set.
     for name, condition in (("SecretsPolicy", "HasSecrets"),
                             ("CouchDBAdminSecretPolicy", "HasCouchDBAdminSecret")):
