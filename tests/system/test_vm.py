@@ -7,7 +7,10 @@ server on this host. Six boots, in order:
                 test hot-plugs the NVMe disk into the running VM at that moment, as EC2 does;
                 formatted, fstab by UUID with nofail,
                 mounted, laid out for uid 5984, verify-mount ok, ECS hostagent.persistence=ready;
-                a marker is written into data/, and one snapshot is taken by the baked unit
+                a marker is written into data/, and one snapshot is taken by the baked unit;
+                its config names an app secrets object and a CouchDB admin secret in (moto's)
+                S3: hostagent-secrets.service writes the app's secrets.env before ECS starts, and
+                bootstrap writes CouchDB's admin ini on the volume (a hash, never the password)
   reboot        A again, same root and data disks: mounted from fstab, bootstrap a no-op; then
                 a second hostagent on a loop device of the guest's own shows the agent growing
                 a mounted ext4 live when its device grows (what QEMU's NVMe device cannot do)
@@ -69,6 +72,9 @@ ATTRIBUTE = "hostagent.persistence"
 REASON = "hostagent.reason"
 GIB = 1024 ** 3
 GROWN_GIB = 2  # the volume's size after the console resize before the replacement boot
+SECRETS_BUCKET = "grand-central-secrets"  # the shipped IAM policy's objects (iam/hostagent-policy.json)
+SECRETS_TOML = (f'[secrets]\nsource = "s3://{SECRETS_BUCKET}/hostagent/secrets.env"\n'
+                f'[couchdb]\nadmin_secret = "s3://{SECRETS_BUCKET}/hostagent/couchdb-admin"\n')
 STAGE_BUDGET = 15 * 60  # seconds for the whole VM stage, as the issue asks
 # held-at-boot: the old host lets go RELEASE_AFTER s after the new host's agent has said
 # missing/attached-elsewhere; its attachment then shows `detaching` for DETACHING s (EC2 takes
@@ -112,6 +118,8 @@ class Stage:
     image: object
     workdir: Path
     handmade_uuid: str | None = None
+    admin_password: str = ""
+    app_secrets: str = ""
 
 HANDMADE_FSTAB_LINE = "/dev/nvme0n1\t/opt/couchdb\text4\tdefaults\t0\t2\n"
 
@@ -282,6 +290,13 @@ def vm(moto_server, request):
     # disk becomes the volume.
     data_disk = workdir / "data.img"
     subprocess.run(["truncate", "-s", "1G", str(data_disk)], check=True)
+    # The app's secrets and CouchDB's admin, as an operator uploads them (first-launch's config).
+    admin_password, app_secrets = secrets.token_hex(12), f"API_TOKEN={secrets.token_hex(8)}\n"
+    s3 = boto3.client("s3", **creds)
+    s3.create_bucket(Bucket=SECRETS_BUCKET)
+    s3.put_object(Bucket=SECRETS_BUCKET, Key="hostagent/couchdb-admin",
+                  Body=f"admin:{admin_password}\n".encode())
+    s3.put_object(Bucket=SECRETS_BUCKET, Key="hostagent/secrets.env", Body=app_secrets.encode())
 
     def new_instance() -> str:
         return ec2.run_instances(ImageId="ami-0123456789abcdef0", MinCount=1, MaxCount=1,
@@ -341,7 +356,8 @@ def vm(moto_server, request):
     try:
         a = new_instance()
         root_a = overlay(image.root_img, workdir / "root-a.qcow2")
-        seed_a = make_seed(workdir / "seed-a", instance_id=a, shipped_user_data=shipped)
+        seed_a = make_seed(workdir / "seed-a", instance_id=a, shipped_user_data=shipped,
+                           hostagent_toml_extra=SECRETS_TOML)
         # The volume is 'available' at launch: its disk appears only when bootstrap attaches it.
         run_boot("first-launch", a, root_a, seed_a, hotplug=True, marker="write", token=token,
                  snapshot="1")
@@ -399,7 +415,8 @@ def vm(moto_server, request):
     seconds = time.monotonic() - stage_started
     times = ", ".join(f"{n} {s.boot.seconds:.0f} s" for n, s in scenarios.items())
     images.say(f"VM stage: {seconds:.0f} s in all; boots: {times}")
-    return Stage(scenarios, volume_id, token, seconds, image, workdir, handmade_uuid[0])
+    return Stage(scenarios, volume_id, token, seconds, image, workdir, handmade_uuid[0],
+                 admin_password, app_secrets)
 
 
 def guest_timeline(report: dict | None) -> str:
@@ -557,6 +574,39 @@ def test_first_launch_formats_mounts_and_reports_ready(vm):
     tags = {t["Key"]: t["Value"] for t in s.volume_after.get("Tags", [])}
     assert tags.get("Name") == "grand-central-persistence"
     assert uuid
+
+
+def test_first_launch_fetches_the_app_secrets_and_writes_couchdbs_admin(vm):
+    s = scenario(vm, "first-launch")
+    r = s.report
+    # The app's secrets file, from S3 with the instance's credentials, before ECS started.
+    secrets_unit, ecs = unit(r, "hostagent-secrets.service"), unit(r, "ecs.service")
+    assert secrets_unit["Result"] == "success" and secrets_unit["ActiveState"] == "active", \
+        secrets_unit
+    assert 0 < usec(secrets_unit, "ExecMainExitTimestampMonotonic") <= \
+        usec(ecs, "InactiveExitTimestampMonotonic"), (secrets_unit, ecs)
+    assert r["secrets_env"] == {"uid": 0, "gid": 0, "mode": "0o600", "text": vm.app_secrets}, \
+        r["secrets_env"]
+    # CouchDB's admin on the volume: a salted hash, loopback only, single node; never the password.
+    steps = journal_steps(bootstrap_journal(s))
+    assert steps.get("couchdb-admin") == "done", bootstrap_journal(s)
+    ini = r["admin_ini"]
+    assert ini is not None and (ini["uid"], ini["gid"], ini["mode"]) == (5984, 5984, "0o600"), ini
+    text = ini["text"]
+    assert vm.admin_password not in text
+    admins = re.search(r"^\[admins\]\s*\nadmin = (-pbkdf2-[0-9a-f]+,[0-9a-f]+,[0-9]+)$", text, re.M)
+    assert admins, text
+    from hostagent.couchdb_admin import verify_password
+
+    assert verify_password(admins[1], vm.admin_password), text
+    assert re.search(r"^\[chttpd\]\s*\nbind_address = 127\.0\.0\.1$", text, re.M), text
+    assert re.search(r"^\[couchdb\]\s*\nsingle_node = true$", text, re.M), text
+    everything = json.dumps(r)
+    assert everything.count(vm.admin_password) == 0, "the admin password reached a log or report"
+    # The reboot: the file is up to date, left alone.
+    again = scenario(vm, "reboot")
+    assert journal_steps(bootstrap_journal(again)).get("couchdb-admin") == "skipped"
+    assert again.report["admin_ini"]["text"] == text
 
 
 def test_first_launch_snapshot_through_the_baked_unit(vm):

@@ -30,7 +30,8 @@ ATTRIBUTE = "hostagent.persistence"
 REASON = "hostagent.reason"
 ATTRIBUTE_WAIT = 180  # seconds for the agent's first report to reach ECS
 CLAIM_WAIT = 300  # seconds for vmtest.wait_for (the volume is released by the test meanwhile)
-UNITS = ("hostagent-bootstrap.service", "hostagent.service", "ecs.service", "opt-couchdb.mount",
+UNITS = ("hostagent-bootstrap.service", "hostagent-secrets.service", "hostagent.service",
+         "ecs.service", "opt-couchdb.mount",
          "cloud-final.service", "hostagent-snapshot.timer", "hostagent-snapshot.service",
          "network-online.target")
 PROPS = ("ActiveState", "SubState", "Result", "ExecMainStatus", "NRestarts", "LoadState",
@@ -71,6 +72,17 @@ def json_of(result: dict):
         return json.loads(result["out"])
     except ValueError:
         return None
+
+
+def file_info(path: str) -> dict | None:
+    """Owner, mode and (test-only secrets, up to 4 KiB) text of a file, or None if missing."""
+    try:
+        st = os.lstat(path)
+        with open(path, errors="replace") as f:
+            text = f.read(4096)
+    except OSError:
+        return None
+    return {"uid": st.st_uid, "gid": st.st_gid, "mode": oct(st.st_mode & 0o7777), "text": text}
 
 
 def ext4_sizes() -> dict:
@@ -217,6 +229,8 @@ def main() -> None:
         report["docker_would_create"] = docker_would_create()
     report["marker"] = marker(args.get("marker", "none"), args.get("token", "")) if mounted else {}
     report["ext4"] = ext4_sizes() if mounted else {}
+    report["secrets_env"] = file_info("/etc/grand-central/secrets.env")
+    report["admin_ini"] = file_info(f"{MOUNT_POINT}/etc/local.d/10-hostagent.ini") if mounted else None
     if args.get("live_grow") == "1":
         report["live_grow"] = live_grow()
     report["verify_mount"] = sh("/usr/local/bin/hostagent", "verify-mount", "--json")
