@@ -26,7 +26,8 @@ SECTION_DOCS = {
     "couchdb": "CouchDB on this host, as `wait-couchdb`, `check-couchdb` and the agent see it.",
     "snapshot": "`hostagent snapshot` and its retention (`keep_*`, all in UTC, like restic/borg "
                 "`forget`).",
-    "secrets": "`hostagent fetch-secrets`.",
+    "secrets": ("`hostagent fetch-secrets`; hostagent-secrets.service runs it at every boot, "
+                "before ECS, when `source` is set."),
     "ecs": "How the agent finds this host's ECS container instance, and the attributes it puts "
            "there.",
     "agent": "`hostagent agent`, the long-running reconciler (`hostagent.service`).",

@@ -30,6 +30,7 @@ import pytest
 import yaml
 
 from tests.integration.test_bootstrap import hostagent, steps_by_name
+from tests.support.cloud import toml_dumps
 from tests.support.hosttools import need, need_root, sh
 
 REPO = Path(__file__).resolve().parents[2]
@@ -113,22 +114,6 @@ def cfn_sub(text: str, values: dict) -> str:
         return values[name]
 
     return re.sub(r"\$\{([^}]*)\}", fill, text)
-
-
-def toml_dumps(doc: dict) -> str:
-    """Enough TOML for hostagent's config: sections of strings, numbers, booleans, lists of
-    strings and inline tables of strings (JSON's quoting of those is valid TOML)."""
-    lines = []
-    for section, values in doc.items():
-        lines.append(f"[{section}]")
-        for key, value in values.items():
-            if isinstance(value, dict):
-                inner = ", ".join(f"{json.dumps(k)} = {json.dumps(v)}" for k, v in value.items())
-                lines.append(f"{key} = {{ {inner} }}")
-            else:
-                lines.append(f"{key} = {json.dumps(value)}")
-        lines.append("")
-    return "\n".join(lines)
 
 
 def files_written(config: dict) -> dict[str, str]:

@@ -33,19 +33,9 @@ class Cloud:
         }
         if secrets:
             sections["secrets"] = secrets
-        lines = []
-        for section, values in sections.items():
-            lines.append(f"[{section}]")
-            for key, value in values.items():
-                if isinstance(value, dict):
-                    inner = ", ".join(f"{json.dumps(k)} = {json.dumps(v)}" for k, v in value.items())
-                    lines.append(f"{key} = {{ {inner} }}")
-                else:
-                    lines.append(f"{key} = {json.dumps(value)}")
-            lines.append("")
         path = os.path.join(self.tmp, name)
         with open(path, "w") as f:
-            f.write("\n".join(lines))
+            f.write(toml_dumps(sections))
         return path
 
     def snapshots(self, region: str = REGION, **filters) -> list[dict]:
@@ -60,6 +50,22 @@ class Cloud:
     def snapshot_tags(self, snapshot_id: str, region: str = REGION) -> dict:
         snap = next(s for s in self.snapshots(region) if s["SnapshotId"] == snapshot_id)
         return {t["Key"]: t["Value"] for t in snap.get("Tags", [])}
+
+
+def toml_dumps(doc: dict) -> str:
+    """Enough TOML for hostagent's config: sections of strings, numbers, booleans, lists of
+    strings and inline tables of strings (JSON's quoting of those is valid TOML)."""
+    lines = []
+    for section, values in doc.items():
+        lines.append(f"[{section}]")
+        for key, value in values.items():
+            if isinstance(value, dict):
+                inner = ", ".join(f"{json.dumps(k)} = {json.dumps(v)}" for k, v in value.items())
+                lines.append(f"{key} = {{ {inner} }}")
+            else:
+                lines.append(f"{key} = {json.dumps(value)}")
+        lines.append("")
+    return "\n".join(lines)
 
 
 def make_cloud(imds_factory, tmp_path, *, volume_tags=None, attach=True) -> Cloud:

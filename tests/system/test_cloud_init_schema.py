@@ -66,6 +66,10 @@ def test_user_data_writes_a_valid_hostagent_config():
     assert config.volume.uses_aws and not config.volume.device
     assert config.filesystem.mount_point == "/opt/couchdb"
     assert (config.layout.owner, config.layout.group) == (5984, 5984)
+    # The official CouchDB image's entrypoint sets data/ and etc/ to 0755 at every start: any
+    # other mode here makes verify-mount fail and the agent report degraded once CouchDB ran
+    # (tests/integration/test_couchdb_entrypoint.py).
+    assert config.layout.mode_bits == 0o755
     assert config.snapshot.keep_last >= 1 and config.snapshot.freeze is True
     assert config.ecs.attribute_prefix == "hostagent"
 
