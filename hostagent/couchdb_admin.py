@@ -33,7 +33,7 @@ import os
 import re
 from typing import NamedTuple
 
-from hostagent.errors import UsageError
+from hostagent.errors import Reason, UsageError
 
 INI_DIR = "etc/local.d"
 INI_NAME = "10-hostagent.ini"
@@ -66,7 +66,7 @@ PRFS = {"sha": "sha1", "sha224": "sha224", "sha256": "sha256", "sha384": "sha384
         "sha512": "sha512"}
 HASH_PREFIXES = ("-hashed-", "-pbkdf2-", "-pbkdf2:")
 BAD_NAME_CHARS = re.compile(r"[\s=;\[\]:]")
-REASON_BAD_SECRET = "bad-admin-secret"
+REASON_BAD_SECRET = Reason.BAD_ADMIN_SECRET
 
 
 class AdminSecret(NamedTuple):

@@ -12,6 +12,42 @@ EXIT_REFUSED = 3  # refused to protect data
 EXIT_INTERNAL = 70  # EX_SOFTWARE (sysexits.h): an unexpected exception, a bug in hostagent
 
 
+class Reason:
+    """The machine-readable causes an error carries (HostagentError.reason): `"reason"` in --json
+    output and the agent's ECS attribute <prefix>.reason. One list: raise sites and the agent's
+    decisions (NEEDS_A_PERSON) name these, never a string of their own."""
+
+    VOLUME_NOT_FOUND = "volume-not-found"
+    AMBIGUOUS_VOLUME = "ambiguous-volume"
+    OTHER_ZONE = "other-zone"
+    MULTI_ATTACH = "multi-attach"
+    ATTACHED_ELSEWHERE = "attached-elsewhere"
+    MODIFICATION_IN_PROGRESS = "modification-in-progress"
+    MODIFICATION_RATE = "modification-rate"
+    WRONG_DEVICE = "wrong-device"
+    FS_DAMAGED = "fs-damaged"
+    MOUNT_POINT_BUSY = "mount-point-busy"
+    MOUNTED_ELSEWHERE = "mounted-elsewhere"
+    UUID_TWINS = "uuid-twins"
+    DEVICE_IN_USE = "device-in-use"
+    DEVICE_MISSING = "device-missing"
+    ADMIN_SECRET_UNAVAILABLE = "admin-secret-unavailable"
+    BAD_ADMIN_SECRET = "bad-admin-secret"
+    VOLUME_IN_USE = "volume-in-use"
+    RESIZE_DENIED = "resize-denied"
+    NOT_BLANK = "not-blank"
+
+
+# Refusals that protect data: no retry changes them, a person must act (the agent looks again
+# every few minutes, reconcilers.REFUSED_RETRY). attached-elsewhere is not one of them: the old
+# host lets go by itself.
+NEEDS_A_PERSON = frozenset({
+    Reason.MULTI_ATTACH, Reason.OTHER_ZONE, Reason.AMBIGUOUS_VOLUME, Reason.NOT_BLANK,
+    Reason.WRONG_DEVICE, Reason.MOUNT_POINT_BUSY, Reason.MOUNTED_ELSEWHERE, Reason.UUID_TWINS,
+    Reason.DEVICE_IN_USE, Reason.FS_DAMAGED,
+})
+
+
 class HostagentError(Exception):
     """An expected failure: printed as one line, never as a traceback."""
 

@@ -10,6 +10,7 @@ from datetime import datetime, timezone
 from typing import Any, Callable, NamedTuple
 
 from hostagent.backoff import Backoff
+from hostagent.errors import NEEDS_A_PERSON, Reason
 from hostagent.log import get_logger
 
 log = get_logger("hostagent.agent")
@@ -31,14 +32,10 @@ REFUSED_RETRY = 300.0
 # On top of bootstrap's own bounded waits (the host lock, then the attachment and the block device,
 # each up to volume.attach_timeout): EC2 calls, the blank proof, mkfs and e2fsck.
 CLAIM_MARGIN = 120.0
-# The one cause that converges by itself, fast: the other instance lets go of the volume (an old
-# attachment `detaching` after a replacement). Retried every interval, never backed off.
-ATTACHED_ELSEWHERE = "attached-elsewhere"
-# Refusals that only a person can resolve, whatever their exit code (other-zone is exit 1).
-NEEDS_A_PERSON = frozenset({
-    "multi-attach", "other-zone", "ambiguous-volume", "not-blank", "wrong-device",
-    "mount-point-busy", "mounted-elsewhere", "uuid-twins", "device-in-use", "fs-damaged",
-})
+# Reason.ATTACHED_ELSEWHERE is the one cause that converges by itself, fast: the other instance
+# lets go of the volume (an old attachment `detaching` after a replacement); retried every
+# interval, never backed off. errors.NEEDS_A_PERSON: refusals only a person can resolve, whatever
+# their exit code (other-zone is exit 1).
 # How a claim attempt ended, for the decision table (claim_retry).
 CLAIMED = "claimed"
 CONVERGING = "converging"  # retry every interval
@@ -214,7 +211,7 @@ def classify_claim(result: ClaimResult) -> str:
     """PURE: CLAIMED, CONVERGING (held elsewhere), OPERATION (may converge) or REFUSED."""
     if result.exit_code == 0:
         return CLAIMED
-    if result.reason == ATTACHED_ELSEWHERE:
+    if result.reason == Reason.ATTACHED_ELSEWHERE:
         return CONVERGING
     if result.reason in NEEDS_A_PERSON:
         return REFUSED

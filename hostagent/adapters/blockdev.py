@@ -7,7 +7,7 @@ import re
 import stat
 from typing import Callable, Iterable, NamedTuple, Sequence
 
-from hostagent.errors import OperationError, RefusedError, UsageError
+from hostagent.errors import OperationError, Reason, RefusedError, UsageError
 from hostagent.log import get_logger
 
 log = get_logger(__name__)
@@ -389,7 +389,7 @@ def _refuse_other_volume(device: BlockDevice, volume_id: str) -> RefusedError:
     return RefusedError(
         f"device {device.path} is volume {device.volume_id}, not {volume_id}; refusing to use it",
         hint="device names are only hints; the NVMe serial says which volume a disk is",
-        reason="wrong-device")
+        reason=Reason.WRONG_DEVICE)
 
 
 def find_volume_device(
@@ -426,7 +426,7 @@ def find_volume_device(
     raise OperationError(
         f"no block device for {wanted} yet", where=f"seen: {describe_devices(devices)}",
         hint="after AttachVolume the disk can take a few seconds to appear; hostagent waits and retries",
-        reason="device-missing")
+        reason=Reason.DEVICE_MISSING)
 
 
 def _kind_of(mode: int) -> str:

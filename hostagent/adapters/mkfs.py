@@ -7,7 +7,7 @@ import os
 from hostagent import runner
 from hostagent.adapters.disk import read_content
 from hostagent.blank import HINT_READ, HINT_UNKNOWN_DATA
-from hostagent.errors import CommandError, OperationError, RefusedError
+from hostagent.errors import CommandError, OperationError, Reason, RefusedError
 
 # mkfs with lazy init takes about a second on a fresh EBS volume, but a throttled or huge volume
 # can be far slower; a timeout here would leave a half-written filesystem, so be generous.
@@ -121,7 +121,7 @@ def fsck_preen(device_path: str, run=runner.run) -> str:
             f"{device_path} has filesystem errors e2fsck -p cannot fix safely ({last[0].strip()}); "
             "refusing to mount it", where=device_path,
             hint=f"snapshot the volume first, then run `e2fsck -f {device_path}` by hand and "
-                 "answer its questions; then run bootstrap again", reason="fs-damaged")
+                 "answer its questions; then run bootstrap again", reason=Reason.FS_DAMAGED)
     raise CommandError(["e2fsck", "-f", "-p", device_path], done.returncode, done.stdout, done.stderr)
 
 

@@ -8,7 +8,7 @@ from typing import NamedTuple
 
 from hostagent import runner
 from hostagent.capacity import RESIZE_TIMEOUT, fs_needs_grow, gib
-from hostagent.errors import CommandError, OperationError, RefusedError
+from hostagent.errors import CommandError, OperationError, Reason, RefusedError
 from hostagent.plan import Unchanged
 
 # What resize2fs prints when the kernel refuses EXT4_IOC_RESIZE_FS with EPERM: the caller lacks
@@ -85,7 +85,7 @@ def grow_ext4_online(mount_point: str, major_minor: str, *, run=runner.run,
                              hint="ext4 remounts read-only after I/O errors: check dmesg")
     if fs.records_errors:
         raise RefusedError(f"the ext4 on {fs.device} records errors; refusing to grow a damaged "
-                           "filesystem", where=where, reason="fs-damaged",
+                           "filesystem", where=where, reason=Reason.FS_DAMAGED,
                            hint=f"snapshot it, stop CouchDB, umount and run `e2fsck -f "
                                 f"{fs.device}`; bootstrap grows it after the mount")
     if not fs.needs_grow:
@@ -97,7 +97,7 @@ def grow_ext4_online(mount_point: str, major_minor: str, *, run=runner.run,
         if EPERM_TEXT in (exc.stderr or "") + (exc.stdout or ""):
             raise OperationError(
                 f"the kernel refused to grow the ext4 on {fs.device} online: permission denied "
-                "(online resize needs CAP_SYS_RESOURCE)", where=where, reason="resize-denied",
+                "(online resize needs CAP_SYS_RESOURCE)", where=where, reason=Reason.RESIZE_DENIED,
                 hint="run it as root with CAP_SYS_RESOURCE (the hostagent units grant it in "
                      "CapabilityBoundingSet; a container needs --cap-add SYS_RESOURCE)") from None
         raise

@@ -14,7 +14,7 @@ from types import MappingProxyType
 from typing import Any, Callable, Mapping
 
 from hostagent.blank import FORMATTED_TAG  # noqa: F401 - one definition, re-exported here
-from hostagent.errors import ConfigError, OperationError, RefusedError
+from hostagent.errors import ConfigError, OperationError, Reason, RefusedError
 
 RESTORED_FROM_TAG = "hostagent:restored-from"  # set by `hostagent restore` on the new volume
 # Set by bootstrap the first time it puts a restored volume to use: from then on it holds live
@@ -124,7 +124,7 @@ def find_volume(ec2, *, volume_id: str = "", tags: Mapping[str, str] = MappingPr
                if v.state != "deleted" and all(v.tags.get(k) == val for k, val in tags.items())]
     if not volumes:
         raise OperationError(
-            f"no EBS volume with {searched}", where=region, reason="volume-not-found",
+            f"no EBS volume with {searched}", where=region, reason=Reason.VOLUME_NOT_FOUND,
             hint="check [volume] id/tags in the config, and that the volume exists in this "
                  "instance's region")
     if availability_zone and tags and not volume_id:
@@ -133,7 +133,7 @@ def find_volume(ec2, *, volume_id: str = "", tags: Mapping[str, str] = MappingPr
         listing = "; ".join(v.describe() for v in volumes)
         raise RefusedError(
             f"{len(volumes)} EBS volumes match {searched}: {listing}; refusing to guess",
-            where=region, reason="ambiguous-volume",
+            where=region, reason=Reason.AMBIGUOUS_VOLUME,
             hint="make the tags match exactly one volume (retag the others), or set [volume] id")
     return volumes[0]
 
@@ -147,13 +147,13 @@ def _the_one_in_zone(volumes: list[VolumeInfo], zone: str, searched: str) -> Vol
         raise RefusedError(
             f"{len(here)} EBS volumes in {zone} match {searched}: "
             f"{'; '.join(v.describe() for v in here)}; refusing to guess", where=zone,
-            reason="ambiguous-volume",
+            reason=Reason.AMBIGUOUS_VOLUME,
             hint="one persistence volume per availability zone: retag the extra one, or set "
                  "[volume] id")
     zones = sorted({v.availability_zone for v in volumes})
     raise RefusedError(
         f"no EBS volume in {zone} matches {searched}; only in {', '.join(zones)}: "
-        f"{'; '.join(v.describe() for v in volumes)}", where=zone, reason="other-zone",
+        f"{'; '.join(v.describe() for v in volumes)}", where=zone, reason=Reason.OTHER_ZONE,
         hint=f"a volume attaches only in its own zone: restore its latest snapshot here "
              f"(`hostagent snapshots`, then `hostagent restore SNAPSHOT_ID`), or run this "
              f"instance in {', '.join(zones)}")
@@ -173,7 +173,7 @@ def decide_attach(identity: Identity, volume: VolumeInfo) -> str:
         raise RefusedError(
             f"volume {volume.volume_id} has Multi-Attach enabled; refusing to use it: ext4 is "
             "not a cluster filesystem, and two instances mounting it would corrupt CouchDB's "
-            "data", where=volume.volume_id, reason="multi-attach",
+            "data", where=volume.volume_id, reason=Reason.MULTI_ATTACH,
             hint="turn Multi-Attach off (`aws ec2 modify-volume --no-multi-attach-enabled` "
                  "while it is detached) or use a volume without it")
     others = [a for a in volume.attachments
@@ -183,14 +183,14 @@ def decide_attach(identity: Identity, volume: VolumeInfo) -> str:
         raise RefusedError(
             f"volume {volume.volume_id} is attached to another instance: {held}; refusing to "
             "take it (hostagent never force-detaches)", where=identity.instance_id,
-            reason="attached-elsewhere",
+            reason=Reason.ATTACHED_ELSEWHERE,
             hint="detach it there once nothing uses it (stop CouchDB on that host first), then "
                  "run `hostagent bootstrap` again")
     if volume.availability_zone != identity.availability_zone:
         raise OperationError(
             f"volume {volume.volume_id} is in {volume.availability_zone} but this instance "
             f"{identity.instance_id} is in {identity.availability_zone}; EBS volumes attach only "
-            "within their zone", reason="other-zone",
+            "within their zone", reason=Reason.OTHER_ZONE,
             hint=f"make a volume in {identity.availability_zone} from a snapshot: `hostagent "
                  "snapshots`, then `hostagent restore SNAPSHOT_ID`; or launch the instance in "
                  f"{volume.availability_zone}")
@@ -238,7 +238,8 @@ def attach_volume(ec2, identity: Identity, volume: VolumeInfo, device_name: str,
             if exc.code == "VolumeInUse":
                 raise RefusedError(
                     f"volume {volume.volume_id} is in use elsewhere (AWS said VolumeInUse); "
-                    "refusing to take it", where=identity.instance_id, reason="attached-elsewhere",
+                    "refusing to take it", where=identity.instance_id,
+                    reason=Reason.ATTACHED_ELSEWHERE,
                     hint="hostagent never force-detaches: detach it where it is attached, then "
                          "run `hostagent bootstrap` again") from exc
             raise
@@ -256,7 +257,7 @@ def attach_volume(ec2, identity: Identity, volume: VolumeInfo, device_name: str,
             raise RefusedError(
                 f"volume {volume.volume_id} is also held by another instance after the attach: "
                 f"{held}; refusing to touch its device", where=identity.instance_id,
-                reason="multi-attach",
+                reason=Reason.MULTI_ATTACH,
                 hint="make sure only one instance uses the volume (no Multi-Attach), detach it "
                      "from this one, and run `hostagent bootstrap` again")
         if mine and mine.state in ("attached", "busy"):

@@ -19,7 +19,7 @@ import time
 from typing import Any, Mapping, NamedTuple
 
 from hostagent import state
-from hostagent.errors import OperationError, RefusedError, UsageError
+from hostagent.errors import OperationError, Reason, RefusedError, UsageError
 from hostagent.lock import host_lock
 from hostagent.log import get_logger
 from hostagent.plan import DONE, PLANNED, Step, Unchanged, apply_steps, render_steps
@@ -442,11 +442,11 @@ def plan_bootstrap(obs: HostObservation, config, side: VolumeSide) -> list[Step]
         raise RefusedError(
             f"{mp} already has {obs.mounted.source} mounted, not {dev.path}; refusing to mount "
             "over it", where=mp, hint=f"check `findmnt {mp}`; unmount it by hand if it is stale",
-            reason="mount-point-busy")
+            reason=Reason.MOUNT_POINT_BUSY)
     for m in obs.device_mounts:
         raise RefusedError(f"{dev.path} is already mounted at {m.mount_point}; refusing to mount "
                            f"it at {mp} too", where=dev.path, hint=f"umount {m.mount_point}",
-                           reason="mounted-elsewhere")
+                           reason=Reason.MOUNTED_ELSEWHERE)
     if obs.mount_point_kind == "other":
         raise UsageError("mount point exists and is not a directory", where=mp)
     if obs.mount_point_blocked:
@@ -458,7 +458,7 @@ def plan_bootstrap(obs: HostObservation, config, side: VolumeSide) -> list[Step]
                            f"{fs_uuid_of(obs)} as {dev.path}; refusing: UUID= could mount either",
                            where=dev.path,
                            hint="detach the disk that is not the volume (a copy from a snapshot?)",
-                           reason="uuid-twins")
+                           reason=Reason.UUID_TWINS)
     if side.volume_id and obs.proven_volume_id is None and not config.volume.device:
         # Reusing the wrong disk is as bad as formatting it: mounting someone else's ext4 here
         # would report persistence=ready for data that is not this volume's.
@@ -467,12 +467,12 @@ def plan_bootstrap(obs: HostObservation, config, side: VolumeSide) -> list[Step]
             f"volume, and EC2 does not report the volume attached here as {dev.name}",
             where=dev.path,
             hint="set volume.device to the disk if you are sure, or check `hostagent devices`",
-            reason="wrong-device")
+            reason=Reason.WRONG_DEVICE)
     if obs.loop_users:
         from hostagent.blank import HINT_IN_USE
 
         raise RefusedError(f"{dev.path} {'; '.join(obs.loop_users)}; refusing to use it",
-                           where=dev.path, hint=HINT_IN_USE, reason="device-in-use")
+                           where=dev.path, hint=HINT_IN_USE, reason=Reason.DEVICE_IN_USE)
 
     fmt, fs_uuid = plan_filesystem(obs, config, side)
     will_format = fmt.op is not None and fmt.op[0] == "mkfs"
@@ -592,7 +592,7 @@ def plan_filesystem(obs: HostObservation, config, side: VolumeSide) -> tuple[Ste
                         "formatting again with the same UUID",
                         op=("mkfs", {"uuid": intent_uuid, "resume": True})), intent_uuid
         error = blank.refusal_error(decision, dev.path, volume_id=side.volume_id)
-        error.reason = "not-blank"
+        error.reason = Reason.NOT_BLANK
         if obs.intent and not intent_here:
             error.hint = (f"{error.hint}; a format record in the state directory names another "
                           f"disk ({obs.intent.get('identity') or 'no durable identity'}), not this "
@@ -896,7 +896,7 @@ def executors(config, aws, side: VolumeSide, obs: HostObservation | None) -> dic
         raise AdminSecretUnavailable(
             f"CouchDB's admin secret was not fetched, so {mp}/etc/local.d/10-hostagent.ini was "
             f"left as it is (every other step was done): {error.message}",
-            where=error.where, hint=error.hint, reason="admin-secret-unavailable")
+            where=error.where, hint=error.hint, reason=Reason.ADMIN_SECRET_UNAVAILABLE)
 
     return {"attach": attach, "remove-view": remove_view, "fsck": fsck, "mkfs": mkfs,
             "forget-intent": forget_intent, "tag": tag, "write-fstab": write_fstab,

@@ -16,7 +16,7 @@ from hostagent import state
 from hostagent.capacity import (CAPACITY_RECORD, DEVICE_TIMEOUT, GIB, MAX_VOLUME_GIB,
                                 MODIFY_TIMEOUT, fs_needs_grow, gib, next_modification_at,
                                 utc_text)
-from hostagent.errors import HostagentError, OperationError, RefusedError, UsageError
+from hostagent.errors import HostagentError, OperationError, Reason, RefusedError, UsageError
 from hostagent.lock import host_lock
 from hostagent.log import get_logger
 from hostagent.plan import DONE, PLANNED, Step, Unchanged, apply_steps, render_steps
@@ -65,7 +65,7 @@ def run(ctx, args, *, aws=None, now=None, progress_stream=None) -> Report:
     except HostagentError as exc:
         # The steps done so far (a snapshot, a modification) belong in the answer, also in --json.
         exc.json_extra = {"steps": [s.as_dict() for s in steps], "dry_run": dry_run, **info}
-        if info["snapshot_id"] and exc.reason == "modification-rate":
+        if info["snapshot_id"] and exc.reason == Reason.MODIFICATION_RATE:
             exc.hint = f"{exc.hint}; the snapshot {info['snapshot_id']} taken first is kept"
         if steps and not ctx.json:
             print(render_steps(steps))
@@ -103,7 +103,7 @@ def plan_grow(config, aws, args, info: dict, *, clock, progress) -> list[Step]:
                          hint=f"give a size above {current} GiB")
     if in_progress and not resume:
         raise OperationError(f"{volume.volume_id} is being modified already ({latest.describe()})",
-                             where=volume.volume_id, reason="modification-in-progress",
+                             where=volume.volume_id, reason=Reason.MODIFICATION_IN_PROGRESS,
                              hint="EC2 takes one modification of a volume at a time: run again "
                                   "once it is completed")
     state_box: dict = {}
@@ -172,7 +172,7 @@ def mounted_volume(config, volume, identity):
     mounted_id = _mounted_volume_id(config)
     if want != fs.major_minor or (mounted_id and mounted_id != volume.volume_id):
         raise RefusedError(f"{mp} does not hold {volume.volume_id} ({how}); refusing to grow it",
-                           where=mp, reason="wrong-device",
+                           where=mp, reason=Reason.WRONG_DEVICE,
                            hint="check `hostagent verify-mount`")
     if fs.fstype != "ext4" or fs.fs_bytes is None:
         raise OperationError(f"{mp} holds {fs.fstype}, not a readable ext4", where=mp)
@@ -182,7 +182,7 @@ def mounted_volume(config, volume, identity):
                                                    "check dmesg")
     if fs.records_errors:
         raise RefusedError(f"the ext4 on {fs.device} records errors; refusing to grow a damaged "
-                           "filesystem", where=fs.device, reason="fs-damaged",
+                           "filesystem", where=fs.device, reason=Reason.FS_DAMAGED,
                            hint=f"snapshot it, stop CouchDB, umount and run `e2fsck -f "
                                 f"{fs.device}`, then grow")
     return fs
@@ -201,7 +201,7 @@ def modify(config, aws, volume, size: int, clock) -> str:
                                       now=clock()) from None
         if exc.code == IN_PROGRESS:
             raise OperationError(f"{volume.volume_id} is being modified already ({exc.message})",
-                                 where=volume.volume_id, reason="modification-in-progress",
+                                 where=volume.volume_id, reason=Reason.MODIFICATION_IN_PROGRESS,
                                  hint="run again once the modification is completed") from None
         raise
     started = mod.start_time or clock()
@@ -228,7 +228,7 @@ def rate_exceeded_error(config, volume_id: str, latest, *, now) -> OperationErro
         "next_possible_at": after.isoformat(), "refused_at": now.isoformat()})
     return OperationError(
         f"EC2 allows one modification of a volume per 6 h (VolumeModificationRateExceeded): "
-        f"{when}", where=volume_id, reason="modification-rate",
+        f"{when}", where=volume_id, reason=Reason.MODIFICATION_RATE,
         hint="nothing was changed on the volume; free space meanwhile (or run `hostagent grow` "
              "again then)")
 

@@ -19,7 +19,7 @@ from datetime import datetime, timezone
 from typing import Any, Mapping
 
 from hostagent.aws.volume import IN_SERVICE_TAG, RESTORED_FROM_TAG as RESTORED_FROM_KEY
-from hostagent.errors import OperationError, RefusedError, UsageError
+from hostagent.errors import OperationError, Reason, RefusedError, UsageError
 from hostagent.log import get_logger
 from hostagent.plan import Step, apply_steps, render_steps, skipped
 from hostagent.report import Report
@@ -226,7 +226,7 @@ def refuse_if_in_use(config) -> None:
             f"{len(users)} process(es) have files open on {config.filesystem.mount_point}: "
             f"{listing}; refusing to unmount it under them", where=config.filesystem.mount_point,
             hint="stop the CouchDB task first (set the ECS service's desired count to 0), then "
-                 "run the restore again", reason="volume-in-use")
+                 "run the restore again", reason=Reason.VOLUME_IN_USE)
 
 
 def check_apply_possible(config) -> None:
