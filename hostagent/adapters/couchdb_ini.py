@@ -11,7 +11,7 @@ import os
 import stat
 from typing import NamedTuple
 
-from hostagent.adapters.layout import DIR_FLAGS, open_mount_point
+from hostagent.adapters.layout import DIR_FLAGS, device_of_fd, open_mount_point
 from hostagent.couchdb_admin import FileMeta
 from hostagent.errors import OperationError, RefusedError
 from hostagent.fileio import atomic_write
@@ -52,8 +52,8 @@ def open_local_d(mount_point: str, rel: str, expected_device: str | None = None)
                     raise
                 fds.append(parent)
             if parent is not None:
-                dev = os.fstat(parent).st_dev
-                if dev != root_dev or (expected_device and _number(dev) != expected_device):
+                if os.fstat(parent).st_dev != root_dev or (
+                        expected_device and device_of_fd(parent) != expected_device):
                     raise RefusedError(f"{os.path.join(mount_point, rel)} is not on the volume; "
                                        "refusing to write CouchDB's config elsewhere",
                                        where=mount_point)
@@ -61,10 +61,6 @@ def open_local_d(mount_point: str, rel: str, expected_device: str | None = None)
         finally:
             for fd in fds:
                 os.close(fd)
-
-
-def _number(dev: int) -> str:
-    return f"{os.major(dev)}:{os.minor(dev)}"
 
 
 def _read_regular(dir_fd: int, name: str, limit: int) -> tuple[str, bytes | None, os.stat_result | None]:

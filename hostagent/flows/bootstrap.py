@@ -402,12 +402,16 @@ def observe_admin_ini(config, obs: HostObservation, admin: AdminObservation) -> 
     """etc/local.d/10-hostagent.ini and the ini files after it, when our volume is mounted."""
     if admin.secret is None or obs.layout is None:
         return admin
-    from hostagent.adapters.couchdb_ini import inspect_local_d
-    from hostagent import couchdb_admin as ca
+    return admin._replace(local_d=inspect_admin_ini(obs.mount_point))
 
-    return admin._replace(local_d=inspect_local_d(
-        obs.mount_point, ca.INI_DIR, ca.INI_NAME, limit=ca.MAX_OTHER_INI_BYTES,
-        other_limit=ca.MAX_OTHER_INI_BYTES))
+
+def inspect_admin_ini(mount_point: str):
+    """adapters.couchdb_ini.LocalDState of our ini and the *.ini CouchDB reads after it."""
+    from hostagent import couchdb_admin as ca
+    from hostagent.adapters.couchdb_ini import inspect_local_d
+
+    return inspect_local_d(mount_point, ca.INI_DIR, ca.INI_NAME, limit=ca.MAX_OTHER_INI_BYTES,
+                           other_limit=ca.MAX_OTHER_INI_BYTES)
 
 
 def _partition_devs(dev) -> set[str]:
@@ -856,13 +860,11 @@ def executors(config, aws, side: VolumeSide, obs: HostObservation | None) -> dic
 
     def couchdb_admin(args) -> str:
         from hostagent import couchdb_admin as ca
-        from hostagent.adapters.couchdb_ini import fix_in_local_d, inspect_local_d, \
-            write_in_local_d
+        from hostagent.adapters.couchdb_ini import fix_in_local_d, write_in_local_d
 
         secret, lay = obs.couchdb_admin.secret, config.layout
         # Looked at again now: after a mount or a layout, or a change since the observation.
-        local_d = inspect_local_d(mp, ca.INI_DIR, ca.INI_NAME, limit=ca.MAX_OTHER_INI_BYTES,
-                                  other_limit=ca.MAX_OTHER_INI_BYTES)
+        local_d = inspect_admin_ini(mp)
         if local_d.kind == "no-dir":
             raise OperationError(f"{mp}/{ca.INI_DIR} is missing or not a directory",
                                  where=mp, hint="check layout.directories and `hostagent "
@@ -892,9 +894,11 @@ def executors(config, aws, side: VolumeSide, obs: HostObservation | None) -> dic
         return "; ".join(done + [f"warning: {w}" for w in decision.warnings])
 
     def couchdb_admin_unavailable(args) -> str:
+        from hostagent.couchdb_admin import INI_DIR, INI_NAME
+
         error = obs.couchdb_admin.error
         raise AdminSecretUnavailable(
-            f"CouchDB's admin secret was not fetched, so {mp}/etc/local.d/10-hostagent.ini was "
+            f"CouchDB's admin secret was not fetched, so {mp}/{INI_DIR}/{INI_NAME} was "
             f"left as it is (every other step was done): {error.message}",
             where=error.where, hint=error.hint, reason=Reason.ADMIN_SECRET_UNAVAILABLE)
 
